@@ -1,0 +1,269 @@
+"""Neural building blocks of HUMEA, one per paper equation.
+
+Axis letters used in the shape comments:
+    N entities (both KGs), E directed edges incl. self loops, H attention heads,
+    F input feature size of a modality, D hidden size, K experts per modality,
+    M active modalities, B entities in a batch.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ---------------------------------------------------------------------------------------------
+# Sparse graph: message passing whose cost grows with E, never with N x N.
+# ---------------------------------------------------------------------------------------------
+
+
+class SparseGraph:
+    """A directed graph stored twice in CSR form: by target (for aggregation) and by source
+    (for the transposed product in the backward pass). Built once; moved with ``.to``."""
+
+    def __init__(self, src: torch.Tensor, dst: torch.Tensor, num_nodes: int):
+        order = torch.argsort(dst * num_nodes + src)  # rows = targets, sorted, then by source
+        self.num_nodes = num_nodes
+        self.src = src[order].contiguous()  # (E,)
+        self.dst = dst[order].contiguous()  # (E,)
+        self.crow = _crow_indices(self.dst, num_nodes)
+        # Transposed CSR: rows = sources. ``t_perm`` maps its slots back to edge ids.
+        self.t_perm = torch.argsort(self.src * num_nodes + self.dst)
+        self.t_col = self.dst[self.t_perm].contiguous()
+        self.t_crow = _crow_indices(self.src[self.t_perm], num_nodes)
+
+    @classmethod
+    def undirected_with_self_loops(cls, heads, tails, num_nodes: int) -> SparseGraph:
+        """Both directions of every (head, tail) pair once, plus one self loop per node."""
+        heads = torch.as_tensor(heads, dtype=torch.long)
+        tails = torch.as_tensor(tails, dtype=torch.long)
+        loops = torch.arange(num_nodes)
+        src = torch.cat([heads, tails, loops])
+        dst = torch.cat([tails, heads, loops])
+        keys = torch.unique(dst * num_nodes + src)  # drops duplicate edges and duplicate loops
+        return cls(keys % num_nodes, keys // num_nodes, num_nodes)
+
+    @property
+    def num_edges(self) -> int:
+        return int(self.src.numel())
+
+    def to(self, device) -> SparseGraph:
+        out = object.__new__(SparseGraph)
+        out.__dict__ = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.__dict__.items()}
+        return out
+
+    def spmm(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """out[i] = sum over edges e = (j -> i) of weight[e] * x[j]; differentiable in both."""
+        return _EdgeSpMM.apply(weight, x, self)
+
+
+def _crow_indices(sorted_rows: torch.Tensor, num_rows: int) -> torch.Tensor:
+    counts = torch.bincount(sorted_rows, minlength=num_rows)
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+
+def _csr(crow, col, values, n) -> torch.Tensor:
+    # torch warns that CSR support is "beta" on every construction; the ops used here are stable.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, values, (n, n), check_invariants=False)
+
+
+class _EdgeSpMM(torch.autograd.Function):
+    """Weighted sparse aggregation with a hand-written backward.
+
+    The official code's sparse attention builds a dense N x N gradient for the edge weights;
+    here both gradients are sparse products, so time and memory stay O(E D + N D)."""
+
+    @staticmethod
+    def forward(ctx, weight, x, graph: SparseGraph):
+        ctx.graph = graph
+        ctx.save_for_backward(weight, x)
+        return _csr(graph.crow, graph.src, weight, graph.num_nodes) @ x  # (N, D)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, x = ctx.saved_tensors
+        g = ctx.graph
+        grad_w = grad_x = None
+        grad_out = grad_out.contiguous()
+        if ctx.needs_input_grad[1]:
+            grad_x = _csr(g.t_crow, g.t_col, weight[g.t_perm], g.num_nodes) @ grad_out  # (N, D)
+        if ctx.needs_input_grad[0]:
+            # grad_w[e] = <grad_out[dst_e], x[src_e]>: a sampled dense-dense product (SDDMM) on
+            # the edge pattern; it never forms the N x N matrix grad_out @ x^T.
+            pattern = _csr(g.crow, g.src, torch.zeros_like(weight), g.num_nodes)
+            grad_w = torch.sparse.sampled_addmm(pattern, grad_out, x.t(), beta=0.0).values()
+        return grad_w, grad_x, None
+
+
+def edge_softmax(scores: torch.Tensor, graph: SparseGraph) -> torch.Tensor:
+    """Softmax of edge scores over the incoming edges of each target node. scores: (E,)."""
+    n = graph.num_nodes
+    # The max only stabilises exp(); it cancels in the ratio, so it carries no gradient.
+    row_max = torch.full((n,), -torch.inf, dtype=scores.dtype, device=scores.device)
+    row_max = row_max.scatter_reduce(0, graph.dst, scores.detach(), reduce="amax")
+    ex = torch.exp(scores - row_max[graph.dst])  # (E,)
+    denom = torch.zeros(n, dtype=scores.dtype, device=scores.device).index_add(0, graph.dst, ex)
+    return ex / denom[graph.dst]
+
+
+# ---------------------------------------------------------------------------------------------
+# Eq. 1: graph structure embedding, a 2-layer GAT with a diagonal weight.
+# ---------------------------------------------------------------------------------------------
+
+
+class DiagonalGraphAttention(nn.Module):
+    """One GAT layer whose per-head weight is diagonal (Eq. 1's W_g), heads averaged.
+
+        z_h = x * w_h                                    (elementwise, w_h in R^D)
+        a_ij = softmax_j(LeakyReLU(u_h . z_h[i] + v_h . z_h[j]))   over j in N(i)
+        out[i] = mean_h sum_j a_ij z_h[j]
+    """
+
+    def __init__(self, dim: int, heads: int, attn_dropout: float = 0.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(heads, dim))  # diagonal W_g per head
+        self.att_dst = nn.Parameter(torch.empty(heads, dim))
+        self.att_src = nn.Parameter(torch.empty(heads, dim))
+        bound = 1.0 / math.sqrt(dim)
+        nn.init.uniform_(self.att_dst, -bound, bound)
+        nn.init.uniform_(self.att_src, -bound, bound)
+        self.attn_dropout = attn_dropout
+
+    def forward(self, x: torch.Tensor, graph: SparseGraph) -> torch.Tensor:
+        out = 0.0
+        for h in range(self.weight.shape[0]):
+            z = x * self.weight[h]  # (N, D)
+            s_dst, s_src = z @ self.att_dst[h], z @ self.att_src[h]  # (N,), (N,)
+            score = F.leaky_relu(s_dst[graph.dst] + s_src[graph.src], 0.2)  # (E,)
+            alpha = F.dropout(edge_softmax(score, graph), self.attn_dropout, self.training)
+            out = out + graph.spmm(alpha, z)  # (N, D)
+        return out / self.weight.shape[0]
+
+
+class GraphStructureEncoder(nn.Module):
+    """Eq. 1: h^g = GAT_2(W_g, M_g, e^g) on randomly initialised entity embeddings e^g.
+
+    Dropout (``dropout``) is applied to each layer's input, ELU between layers."""
+
+    def __init__(self, num_entities: int, dim: int, heads: int = 2, layers: int = 2,
+                 dropout: float = 0.0, attn_dropout: float = 0.0):
+        super().__init__()
+        self.entity = nn.Embedding(num_entities, dim)  # e^g
+        nn.init.normal_(self.entity.weight, std=1.0 / math.sqrt(num_entities))
+        self.layers = nn.ModuleList(DiagonalGraphAttention(dim, heads, attn_dropout) for _ in range(layers))
+        self.dropout = dropout
+
+    def forward(self, graph: SparseGraph) -> torch.Tensor:
+        x = self.entity.weight  # (N, D)
+        for i, layer in enumerate(self.layers):
+            x = layer(F.dropout(x, self.dropout, self.training), graph)
+            if i + 1 < len(self.layers):
+                x = F.elu(x)
+        return x  # (N, D)
+
+
+# ---------------------------------------------------------------------------------------------
+# Eq. 5-7: intra-modal mixture of experts.
+# ---------------------------------------------------------------------------------------------
+
+
+class IntraModalMoE(nn.Module):
+    """K FFN experts and a softmax gate over the entity's input feature of one modality.
+
+        Eq. 5  FFN_k(h) = ReLU(h W1_k + b1_k) W2_k + b2_k
+        Eq. 6  h' = sum_k g_k FFN_k(h)
+        Eq. 7  g = softmax(h w3 + b3)
+
+    The K first layers are one (F, K*D) matmul, the K second layers one batched matmul.
+    """
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int, num_experts: int):
+        super().__init__()
+        self.num_experts, self.hidden = num_experts, hidden
+        self.first = nn.Linear(in_dim, num_experts * hidden)  # W1, b1 of all experts
+        bound = 1.0 / math.sqrt(hidden)
+        self.second_w = nn.Parameter(torch.empty(num_experts, hidden, out_dim).uniform_(-bound, bound))
+        self.second_b = nn.Parameter(torch.empty(num_experts, out_dim).uniform_(-bound, bound))
+        self.gate = nn.Linear(in_dim, num_experts)  # w3, b3
+
+    def forward(self, x: torch.Tensor):
+        """x: (B, F) -> (mixture (B, D), expert outputs (B, K, D), gate (B, K))."""
+        hid = F.relu(self.first(x)).view(x.shape[0], self.num_experts, self.hidden)  # (B, K, D_hid)
+        experts = torch.einsum("bkh,khd->bkd", hid, self.second_w) + self.second_b  # (B, K, D)
+        gate = torch.softmax(self.gate(x), dim=-1)  # (B, K)
+        return torch.einsum("bk,bkd->bd", gate, experts), experts, gate
+
+
+class LinearProjection(nn.Module):
+    """The 'w/o HMoE' ablation's encoder: one linear layer per modality, no experts, no gate."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int, num_experts: int = 1):
+        super().__init__()
+        self.proj = nn.Linear(in_dim, out_dim)
+
+    def forward(self, x: torch.Tensor):
+        y = self.proj(x)  # (B, D)
+        return y, y.unsqueeze(1), torch.ones(x.shape[0], 1, device=x.device, dtype=y.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Eq. 10-12: inter-modal router.
+# ---------------------------------------------------------------------------------------------
+
+
+class InterModalRouter(nn.Module):
+    """Per-entity modality weights from the concatenated intra-modal outputs.
+
+        Eq. 10  h_c = concat_m h'_m                                   (B, M*D)
+        Eq. 11  W = softmax(g(h_c)),  g = Linear[-ReLU-Linear]         (B, M)
+        Eq. 12  h^f = concat_m w_m h'_m                                (B, M*D)
+
+    ``hidden`` is the official ``fusion_weight_dim``: 0 makes g a single linear layer."""
+
+    def __init__(self, num_modalities: int, dim: int, hidden: int = 0):
+        super().__init__()
+        if hidden > 0:
+            self.net = nn.Sequential(nn.Linear(num_modalities * dim, hidden), nn.ReLU(),
+                                     nn.Linear(hidden, num_modalities))
+        else:
+            self.net = nn.Linear(num_modalities * dim, num_modalities)
+
+    def forward(self, parts: list[torch.Tensor]):
+        h_c = torch.cat(parts, dim=-1)  # (B, M*D)
+        weights = torch.softmax(self.net(h_c), dim=-1)  # (B, M)
+        fused = torch.cat([weights[:, i:i + 1] * p for i, p in enumerate(parts)], dim=-1)  # (B, M*D)
+        return fused, weights
+
+
+class UniformFusion(nn.Module):
+    """The 'w/o HMoE' ablation's fusion: plain concatenation with equal weights 1/M."""
+
+    def __init__(self, num_modalities: int, dim: int, hidden: int = 0):
+        super().__init__()
+        self.num_modalities = num_modalities
+
+    def forward(self, parts: list[torch.Tensor]):
+        weights = parts[0].new_full((parts[0].shape[0], self.num_modalities), 1.0 / self.num_modalities)
+        return torch.cat(parts, dim=-1) / self.num_modalities, weights
+
+
+# ---------------------------------------------------------------------------------------------
+# Eq. 8-9: variational network q(y | x) of the CLUB bound.
+# ---------------------------------------------------------------------------------------------
+
+
+class GaussianConditional(nn.Module):
+    """Q_theta(y | x) = N(y; mu(x), diag(exp(logvar(x)))), as in CLUB (Cheng et al. 2020)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.mu = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+        self.logvar = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim), nn.Tanh())
+
+    def forward(self, x: torch.Tensor):
+        return self.mu(x), self.logvar(x)

@@ -1,0 +1,110 @@
+"""HUMEA: modality encoders, hierarchical mixture of experts and fusion (paper Fig. 2).
+
+Axis letters: N entities, B entities asked for, F input size of a modality, D hidden size,
+K experts per modality, M active modalities.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from layers import GraphStructureEncoder, InterModalRouter, IntraModalMoE, LinearProjection, SparseGraph, UniformFusion
+from utils import MMKG, MODALITIES, Config
+
+
+@dataclass
+class ModelInputs:
+    """What the model reads besides its parameters: fixed features and the relation graph."""
+
+    features: dict[str, torch.Tensor]  # modality -> (N, F), on the model's device
+    graph: SparseGraph
+    num_entities: int
+
+    @classmethod
+    def from_data(cls, data: MMKG, device) -> ModelInputs:
+        graph = SparseGraph.undirected_with_self_loops(
+            torch.from_numpy(data.triples[:, 0]), torch.from_numpy(data.triples[:, 2]), data.num_entities)
+        feats = {m: torch.from_numpy(v).to(device) for m, v in data.features.items()}
+        return cls(feats, graph.to(device), data.num_entities)
+
+
+@dataclass
+class Embeddings:
+    """Everything the losses and the analysis need for a set of entities."""
+
+    unimodal: dict[str, torch.Tensor]  # modality -> (B, D), L2-normalised h'_m (Eq. 6)
+    experts: dict[str, torch.Tensor]  # modality -> (B, K, D), raw expert outputs FFN_k(h_m)
+    gates: dict[str, torch.Tensor]  # modality -> (B, K), g of Eq. 7
+    weights: torch.Tensor  # (B, M) modality weights W of Eq. 11
+    fused: torch.Tensor  # (B, M*D) h^f of Eq. 12
+
+
+def active_modalities(cfg: Config, available) -> tuple[str, ...]:
+    """Modalities with inputs, minus the ones switched off, in the canonical order."""
+    on = set(available) | {"graph"}
+    return tuple(m for m in MODALITIES if m in on and m not in cfg.disabled)
+
+
+class HUMEA(nn.Module):
+    def __init__(self, cfg: Config, inputs: ModelInputs):
+        super().__init__()
+        self.modalities = active_modalities(cfg, inputs.features)
+        if not self.modalities:
+            raise ValueError("every modality is switched off; nothing to align with")
+        d = cfg.hidden
+        hierarchical = "hmoe" not in cfg.disabled
+        if "graph" in self.modalities:
+            heads = [int(h) for h in cfg.heads.split(",")]
+            if len(set(heads)) != 1:
+                raise ValueError(f"--heads: every GAT layer needs the same head count, got {cfg.heads}")
+            self.graph_encoder = GraphStructureEncoder(inputs.num_entities, d, heads=heads[0], layers=len(heads),
+                                                       dropout=cfg.dropout, attn_dropout=cfg.attn_dropout)
+        in_dims = {m: (d if m == "graph" else inputs.features[m].shape[1]) for m in self.modalities}
+        expert_cls = IntraModalMoE if hierarchical else LinearProjection
+        self.experts = nn.ModuleDict({m: expert_cls(in_dims[m], d, d, cfg.n_exp) for m in self.modalities})
+        fusion_cls = InterModalRouter if hierarchical else UniformFusion
+        self.fusion = fusion_cls(len(self.modalities), d, cfg.fusion_weight_dim)
+
+    def graph_embeddings(self, inputs: ModelInputs) -> torch.Tensor | None:
+        """Eq. 1 over the whole graph (N, D); the GAT needs every node's neighbours."""
+        return self.graph_encoder(inputs.graph) if "graph" in self.modalities else None
+
+    def forward(self, ids: torch.Tensor, inputs: ModelInputs, graph_emb: torch.Tensor | None = None) -> Embeddings:
+        """Embeddings of the entities ``ids`` (B,). The per-modality experts run on these rows only:
+        every expert, gate and the router act on one entity at a time, so the rows equal those of a
+        full (N, .) computation (tests/test_model.py checks it) at a fraction of the cost."""
+        if graph_emb is None and "graph" in self.modalities:
+            graph_emb = self.graph_embeddings(inputs)
+        unimodal, experts, gates = {}, {}, {}
+        for m in self.modalities:
+            x = graph_emb[ids] if m == "graph" else inputs.features[m][ids]  # (B, F)
+            mixed, experts[m], gates[m] = self.experts[m](x)  # (B, D), (B, K, D), (B, K)
+            unimodal[m] = F.normalize(mixed, dim=-1)
+        fused, weights = self.fusion([unimodal[m] for m in self.modalities])  # (B, M*D), (B, M)
+        return Embeddings(unimodal, experts, gates, weights, fused)
+
+    @torch.no_grad()
+    def embed(self, ids: np.ndarray, inputs: ModelInputs, chunk: int = 8192, keep_experts: bool = False) -> Embeddings:
+        """Evaluation-mode embeddings of many entities, in chunks; the GAT runs once. Raw expert
+        outputs (B, K, D per modality) are large and kept only when asked for."""
+        was_training = self.training
+        self.eval()
+        graph_emb = self.graph_embeddings(inputs)
+        dev = next(self.parameters()).device
+        parts = []
+        for s in range(0, len(ids), chunk):
+            out = self(torch.as_tensor(ids[s:s + chunk], device=dev), inputs, graph_emb)
+            if not keep_experts:
+                out.experts = {}
+            parts.append(out)
+        self.train(was_training)
+        cat = lambda get: torch.cat([get(p) for p in parts]) if parts else None
+        return Embeddings({m: cat(lambda p, m=m: p.unimodal[m]) for m in self.modalities},
+                          {m: cat(lambda p, m=m: p.experts[m]) for m in self.modalities} if keep_experts else {},
+                          {m: cat(lambda p, m=m: p.gates[m]) for m in self.modalities},
+                          cat(lambda p: p.weights), cat(lambda p: p.fused))

@@ -1,0 +1,392 @@
+"""Train and evaluate HUMEA.
+
+    python train.py                                   # the embedded synthetic default
+    python train.py --file_dir data/mmkb-datasets/FB15K_DB15K --rate 0.2 --fusion_weight_dim 512
+
+Every run writes a folder under --out_dir: config.json, log.txt, metrics.jsonl (one line per
+evaluation), checkpoint.pt (resumable, reloadable), entity_embeddings.npy, modality_weights.npy,
+expert_gates.npz, predictions.tsv (test entities, with names) and, last, results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from loss import CLUBDisentanglement, contrastive_alignment_loss, total_loss, unimodal_distillation_loss
+from model import HUMEA, ModelInputs
+from utils import (
+    Config,
+    DataError,
+    atomic_torch_save,
+    atomic_write,
+    atomic_write_json,
+    config_dict,
+    evaluate_alignment,
+    finite_or_raise,
+    get_logger,
+    kv,
+    load_dataset,
+    mutual_nearest_pairs,
+    pair_overlap,
+    read_pair_file,
+    set_seed,
+    split_links,
+    write_pair_file,
+)
+
+# ---------------------------------------------------------------------------------------------
+# Flags: built from the Config dataclass, so names, defaults and help live in one place.
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> Config:
+    p = argparse.ArgumentParser(description="Train HUMEA (multi-modal entity alignment).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        meta = f.metadata
+        if meta.get("boolean"):
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
+        else:
+            p.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=meta["help"],
+                           choices=meta.get("choices"))
+    p.add_argument("--eval_only", action="store_true",
+                   help="with --resume: load the run's checkpoint, evaluate on its test pairs and print the metrics")
+    args = p.parse_args(argv)
+    eval_only = args.__dict__.pop("eval_only")
+    cfg = Config(**vars(args))
+    cfg.eval_only = eval_only  # not part of the saved config
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Small named helpers of the training loop.
+# ---------------------------------------------------------------------------------------------
+
+
+def dataset_dir(cfg: Config) -> Path:
+    if cfg.file_dir:
+        return Path(cfg.file_dir)
+    from data_process.synthetic import default_dataset
+
+    return default_dataset()
+
+
+def run_folder(cfg: Config, data_root: Path) -> Path:
+    name = cfg.run_name or f"{data_root.name}_r{cfg.rate}_s{cfg.seed}" + (
+        f"_wo-{'-'.join(sorted(cfg.disabled))}" if cfg.disabled else "") + ("_il" if cfg.il else "")
+    return Path(cfg.out_dir) / name
+
+
+def loss_batches(pairs: np.ndarray, bsize: int, gen: torch.Generator):
+    """Shuffle the training pairs and cut them into batches of ``bsize`` (the last may be smaller)."""
+    perm = torch.randperm(len(pairs), generator=gen).numpy()
+    return [pairs[perm[s:s + bsize]] for s in range(0, len(pairs), bsize)]
+
+
+def train_epoch(model: HUMEA, club: CLUBDisentanglement | None, inputs: ModelInputs, pairs: np.ndarray,
+                cfg: Config, gen: torch.Generator, opt, q_opt, epoch: int) -> dict[str, float]:
+    """One optimiser step on the sum of the losses of all batches (as the official code does).
+
+    The experts run only on the entities of the training pairs: the losses read nothing else,
+    and each expert acts on one entity at a time, so this equals the full computation."""
+    model.train()
+    dev = inputs.graph.src.device
+    ents, inverse = np.unique(pairs, return_inverse=True)
+    row = dict(zip(ents.tolist(), range(len(ents))))
+    if club is not None:
+        club.requires_grad_(False)
+    out = model(torch.as_tensor(ents, device=dev), inputs)
+    terms = {"fused_cl": 0.0, "uni_cl": 0.0, "distill": 0.0, "club": 0.0}
+    total = 0.0
+    batch_experts = []
+    for batch in loss_batches(pairs, cfg.bsize, gen):
+        r1 = torch.as_tensor([row[e] for e in batch[:, 0]], device=dev)
+        r2 = torch.as_tensor([row[e] for e in batch[:, 1]], device=dev)
+        z1, z2 = out.fused[r1], out.fused[r2]
+        fused_cl = contrastive_alignment_loss(z1, z2, cfg.tau_cl)  # Eq. 13-14
+        uni_cl, distill = {}, {}
+        for m in model.modalities:
+            u1, u2 = out.unimodal[m][r1], out.unimodal[m][r2]
+            if "cl" not in cfg.disabled:
+                uni_cl[m] = contrastive_alignment_loss(u1, u2, cfg.tau_cl)  # Eq. 15
+            if "al" not in cfg.disabled:
+                distill[m] = unimodal_distillation_loss(u1, u2, z1, z2, cfg.tau_al)  # Eq. 16
+        club_term = torch.zeros((), device=dev)
+        if club is not None:
+            rows = torch.cat([r1, r2])
+            experts = {m: out.experts[m][rows] for m in model.modalities}  # (2B, K, D)
+            club_term = club(experts)  # Eq. 9
+            batch_experts.append({m: e.detach() for m, e in experts.items()})
+        total = total + total_loss(fused_cl, uni_cl, club_term, distill, cfg.cl_loss, cfg.al_loss, cfg.mi_loss)
+        for name, value in (("fused_cl", fused_cl), ("uni_cl", sum(uni_cl.values(), 0.0)),
+                            ("distill", sum(distill.values(), 0.0)), ("club", club_term)):
+            v = torch.as_tensor(value).detach()
+            finite_or_raise(name, v, epoch)
+            terms[name] += float(v)
+    finite_or_raise("total", total, epoch)
+    opt.zero_grad(set_to_none=True)
+    total.backward()
+    opt.step()
+    if club is not None:
+        # CLUB's variational networks Q_m are fitted by their own optimiser on detached outputs.
+        club.requires_grad_(True)
+        q_opt.zero_grad(set_to_none=True)
+        fit = sum(club.q_fit_loss(e) for e in batch_experts)
+        finite_or_raise("club_q_fit", fit, epoch)
+        fit.backward()
+        q_opt.step()
+        terms["club_q_nll"] = float(fit)
+    terms["loss"] = float(total)
+    return terms
+
+
+def evaluate(model: HUMEA, inputs: ModelInputs, pairs: np.ndarray, cfg: Config, with_predictions=False):
+    ids = np.unique(pairs)
+    emb = model.embed(ids, inputs).fused
+    return evaluate_alignment(emb, pairs, ids=ids, csls_k=cfg.csls_k, use_csls=cfg.csls,
+                              chunk=cfg.eval_chunk, with_predictions=with_predictions)
+
+
+def pseudo_label_step(model: HUMEA, inputs: ModelInputs, data, train_pairs: np.ndarray, cfg: Config):
+    """Iterative training: mutual CSLS nearest neighbours among the entities that are in no
+    training pair yet. Uses no label; the gold links are read only to report precision."""
+    aligned = np.zeros(data.num_entities, dtype=bool)
+    aligned[train_pairs.ravel()] = True
+    left = np.nonzero((data.kg == 0) & ~aligned)[0]
+    right = np.nonzero((data.kg == 1) & ~aligned)[0]
+    emb = model.embed(np.concatenate([left, right]), inputs).fused
+    return mutual_nearest_pairs(emb[:len(left)], emb[len(left):], left, right, cfg.csls_k, cfg.eval_chunk)
+
+
+def snapshot(model, club, opt, q_opt, gen, epoch, state) -> dict:
+    return {"model": model.state_dict(), "club": club.state_dict() if club else None,
+            "opt": opt.state_dict(), "q_opt": q_opt.state_dict() if q_opt else None,
+            "epoch": epoch, "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "numpy_rng": np.random.get_state(), "python_rng": random.getstate(), **state}
+
+
+def write_outputs(run: Path, model: HUMEA, inputs: ModelInputs, data, test_pairs: np.ndarray, cfg: Config):
+    """Final embeddings, router weights, expert gates and the test predictions with names."""
+    ids = np.arange(data.num_entities)
+    out = model.embed(ids, inputs)
+    atomic_write(run / "entity_embeddings.npy", lambda f: np.save(f, out.fused.cpu().numpy()), "wb")
+    atomic_write(run / "modality_weights.npy", lambda f: np.save(f, out.weights.cpu().numpy()), "wb")
+    gates = {m: g.cpu().numpy() for m, g in out.gates.items()}
+    atomic_write(run / "expert_gates.npz", lambda f: np.savez(f, modalities=np.array(model.modalities), **gates), "wb")
+    res = evaluate_alignment(out.fused, test_pairs, csls_k=cfg.csls_k, use_csls=cfg.csls,
+                             chunk=cfg.eval_chunk, with_predictions=True)
+    p = res["predictions"]
+    names = data.names
+    columns = ("left_id", "left_name", "pred_right_id", "pred_right_name", "score", "gold_right_id",
+               "gold_right_name", "correct", "rank")
+    header = "\t".join(columns) + "\n"
+    lines = [f"{lft}\t{names[lft]}\t{pr}\t{names[pr]}\t{s:.5f}\t{g}\t{names[g]}\t{int(pr == g)}\t{r:g}\n"
+             for lft, pr, s, g, r in zip(p["left"], p["pred_right"], p["score"], p["gold_right"], p["rank"])]
+    atomic_write(run / "predictions.tsv", lambda f: f.writelines([header, *lines]))
+    return res
+
+
+def best_of(history, key: str):
+    rows = [h for h in history if h.get(key)]
+    return max(rows, key=lambda h: (h[key]["avg"]["mrr"], -h["epoch"])) if rows else None
+
+
+def summarise(history, cfg: Config, extra: dict) -> dict:
+    last = history[-1]
+    best_valid = best_of(history, "valid")
+    best_test = best_of(history, "test")
+    pick = lambda h, keys: {k: h[k] for k in keys if k in h} if h else None
+    return {
+        "last_epoch": pick(last, ("epoch", "test", "valid")),
+        "best_valid_epoch": pick(best_valid, ("epoch", "test", "valid")),
+        "best_test_epoch": {**pick(best_test, ("epoch", "test")),
+                            "note": "selected on the TEST set (highest test MRR): the rule behind the paper's "
+                                    "Table 1 and the official logs; optimistic, shown for comparison only"},
+        "selection_metric": "mrr (mean of both directions)",
+        "config": config_dict(cfg), **extra,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Main.
+# ---------------------------------------------------------------------------------------------
+
+
+def main(cfg: Config) -> dict:
+    cfg.validate()
+    eval_only = getattr(cfg, "eval_only", False)
+    resume_from = Path(cfg.resume) if cfg.resume else None
+    if resume_from is not None:
+        ckpt_path = resume_from / "checkpoint.pt"
+        if not ckpt_path.is_file():
+            raise DataError(f"--resume {resume_from}: no checkpoint.pt in that folder")
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        saved = Config(**ckpt["config"])
+        saved.device = cfg.device  # a resumed run keeps its configuration; only the device may change
+        cfg, run = saved, resume_from
+    data_root = dataset_dir(cfg)
+    if resume_from is None:
+        run = run_folder(cfg, data_root)
+        if (run / "results.json").exists() or (run / "checkpoint.pt").exists():
+            raise DataError(f"{run} already holds a run; use --resume {run} to continue it, or --run_name / "
+                            "--out_dir for a new one (nothing was overwritten)")
+    run.mkdir(parents=True, exist_ok=True)
+    log = get_logger(None if eval_only else run / "log.txt")
+    set_seed(cfg.seed)
+    device = torch.device(cfg.device)
+
+    data = load_dataset(data_root, cfg.disabled, seed=cfg.seed, log=log)
+    split = split_links(data.links, cfg.rate, cfg.seed, cfg.val_ratio)
+    leak = {}
+    train_pairs = split.train
+    if cfg.train_ill_path:
+        train_pairs = read_pair_file(cfg.train_ill_path, data)
+        n_gold_test = pair_overlap(train_pairs, split.test)
+        leak = {"train_ill_path": cfg.train_ill_path, "pairs": len(train_pairs), "gold_test_pairs": n_gold_test}
+        log.info(kv(train_ill_path=cfg.train_ill_path, pairs=len(train_pairs), gold_test_pairs=n_gold_test))
+        if n_gold_test:
+            leak["warning"] = (f"{n_gold_test} of the {len(train_pairs)} training pairs are gold TEST pairs: "
+                               "test labels reach training; numbers are not comparable with a clean split")
+            log.warning("WARNING: " + leak["warning"])
+    log.info(kv(train=len(train_pairs), valid=len(split.valid), test=len(split.test), rate=cfg.rate))
+
+    inputs = ModelInputs.from_data(data, device)
+    model = HUMEA(cfg, inputs).to(device)
+    use_club = "club" not in cfg.disabled and "hmoe" not in cfg.disabled and cfg.n_exp > 1
+    club = CLUBDisentanglement(model.modalities, cfg.hidden, cfg.hidden).to(device) if use_club else None
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    q_opt = torch.optim.AdamW(club.parameters(), lr=cfg.q_lr) if club else None
+    gen = torch.Generator().manual_seed(cfg.seed)
+    log.info(kv(modalities=",".join(model.modalities), disabled=",".join(sorted(cfg.disabled)) or "none",
+                params=sum(p.numel() for p in model.parameters()), edges=inputs.graph.num_edges, device=device))
+
+    state = {"history": [], "pseudo_pairs": np.zeros((0, 2), dtype=np.int64), "config": config_dict(cfg),
+             "seconds": 0.0}
+    start = 0
+    if resume_from is not None:
+        model.load_state_dict(ckpt["model"])
+        if club:
+            club.load_state_dict(ckpt["club"])
+            q_opt.load_state_dict(ckpt["q_opt"])
+        opt.load_state_dict(ckpt["opt"])
+        gen.set_state(ckpt["gen"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        np.random.set_state(ckpt["numpy_rng"])
+        random.setstate(ckpt["python_rng"])
+        start = ckpt["epoch"]
+        state.update(history=ckpt["history"], pseudo_pairs=ckpt["pseudo_pairs"], seconds=ckpt["seconds"])
+        log.info(kv(resumed_from=str(resume_from), epoch=start))
+    if eval_only:
+        res = evaluate(model, inputs, split.test, cfg)
+        print(format_table({"test (checkpoint)": res}))
+        return res
+
+    atomic_write_json(run / "config.json", config_dict(cfg))
+    # metrics.jsonl is rewritten from the checkpoint's history, dropping lines written after it.
+    atomic_write(run / "metrics.jsonl", lambda f: f.writelines(json.dumps(h) + "\n" for h in state["history"]))
+    il_start = cfg.il_start if cfg.il_start >= 0 else cfg.epochs
+    last_h1 = state["history"][-1]["test"]["avg"]["hits@1"] if state["history"] else float("nan")
+    bar = tqdm(range(start, cfg.total_epochs), initial=start, total=cfg.total_epochs, desc="train",
+               dynamic_ncols=True, disable=None)
+    epoch = start
+    ckpt_state = lambda: snapshot(model, club, opt, q_opt, gen, epoch, state)
+    tic = time.perf_counter()
+    for epoch in bar:
+        current = np.concatenate([train_pairs, state["pseudo_pairs"]])
+        try:
+            terms = train_epoch(model, club, inputs, current, cfg, gen, opt, q_opt, epoch)
+        except FloatingPointError as e:
+            log.error(f"stopping: {e}; the last good checkpoint is {run / 'checkpoint.pt'}")
+            raise
+        done = epoch + 1
+        if cfg.il and done > il_start and (done - il_start) % cfg.il_step == 0:
+            new = pseudo_label_step(model, inputs, data, current, cfg)
+            state["pseudo_pairs"] = np.concatenate([state["pseudo_pairs"], new])
+            correct = pair_overlap(new, data.links)
+            log.info(kv(epoch=done, pseudo_new=len(new), pseudo_total=len(state["pseudo_pairs"]),
+                        pseudo_new_precision=correct / max(len(new), 1)))
+        if done % cfg.check_point == 0 or done == cfg.total_epochs:
+            record = {"epoch": done, **{k: round(v, 6) for k, v in terms.items()}}
+            record["test"] = evaluate(model, inputs, split.test, cfg)
+            if len(split.valid):
+                record["valid"] = evaluate(model, inputs, split.valid, cfg)
+            state["seconds"] += time.perf_counter() - tic
+            tic = time.perf_counter()
+            record["seconds"] = round(state["seconds"], 2)
+            state["history"].append(record)
+            with open(run / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            t = record["test"]["avg"]
+            last_h1 = t["hits@1"]
+            valid = {"valid_mrr": record["valid"]["avg"]["mrr"]} if "valid" in record else {}
+            log.info(kv(epoch=done, loss=terms["loss"], test_hits1=t["hits@1"], test_hits10=t["hits@10"],
+                        test_mrr=t["mrr"], **valid))
+        bar.set_postfix(loss=f"{terms['loss']:.3f}", hits1=f"{last_h1:.3f}")
+        if cfg.save_every and done % cfg.save_every == 0:
+            epoch = done
+            atomic_torch_save(run / "checkpoint.pt", ckpt_state())
+    bar.close()
+    epoch = cfg.total_epochs
+    atomic_torch_save(run / "checkpoint.pt", ckpt_state())
+    final = write_outputs(run, model, inputs, data, split.test, cfg)
+    if cfg.il:
+        write_pair_file(run / "train_ill_final.tsv", np.concatenate([train_pairs, state["pseudo_pairs"]]))
+    extra = {"dataset": str(data_root), "run_dir": str(run), "modalities": list(model.modalities),
+             "pairs": {"train": len(train_pairs), "valid": len(split.valid), "test": len(split.test),
+                       "pseudo": len(state["pseudo_pairs"])},
+             "train_seconds": round(state["seconds"], 2),
+             "seconds_per_epoch": round(state["seconds"] / max(cfg.total_epochs, 1), 4),
+             "data_notes": data.notes, **({"train_ill": leak} if leak else {})}
+    results = summarise(state["history"], cfg, extra)
+    results["last_epoch"]["test_directions"] = {k: final[k] for k in ("l2r", "r2l")}
+    atomic_write_json(run / "results.json", results)  # written last: its presence marks a finished run
+    print(format_results(results))
+    log.info(f"run folder: {run}")
+    return results
+
+
+def format_table(rows: dict) -> str:
+    lines = [f"{'':28s} {'Hits@1':>7s} {'Hits@5':>7s} {'Hits@10':>7s} {'MRR':>7s} {'MR':>8s}"]
+    for name, res in rows.items():
+        if res is None:
+            continue
+        m = res["avg"]
+        lines.append(f"{name:28s} {m['hits@1']:7.4f} {m['hits@5']:7.4f} {m['hits@10']:7.4f} {m['mrr']:7.4f} "
+                     f"{m['mr']:8.1f}")
+    return "\n".join(lines)
+
+
+def format_results(results: dict) -> str:
+    rows = {f"last epoch ({results['last_epoch']['epoch']})": results["last_epoch"]["test"]}
+    if results["best_valid_epoch"]:
+        rows[f"best valid epoch ({results['best_valid_epoch']['epoch']})"] = results["best_valid_epoch"]["test"]
+    rows[f"best TEST epoch ({results['best_test_epoch']['epoch']})*"] = results["best_test_epoch"]["test"]
+    return (format_table(rows) + "\n* chosen on the test set, the paper's rule: optimistic, for comparison only"
+            + f"\n(test pairs: {results['pairs']['test']}, both directions averaged, "
+            + ("CSLS" if results["config"]["csls"] else "cosine") + ")")
+
+
+def cli(argv=None) -> int:
+    try:
+        main(parse_args(argv))
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        print(f"error: numerical fault: {e}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

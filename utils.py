@@ -1,0 +1,645 @@
+"""Configuration, data loading, evaluation, seeding, logging and safe file writing.
+
+Axis letters: N entities, P aligned pairs, F feature size, Q query entities, C candidates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import pickle
+import random
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# The six modalities, in the paper's order; every encoder, loss, log line and ablation follows it.
+MODALITIES = ("graph", "image", "rel_bow", "rel_text", "attr_bow", "attr_text")
+# The paper's symbols (Table 2: w/o g, v, r_b, r_t, a_b, a_t) are accepted as aliases.
+MODALITY_ALIASES = {"g": "graph", "v": "image", "r_b": "rel_bow", "r_t": "rel_text",
+                    "a_b": "attr_bow", "a_t": "attr_text", "img": "image"}
+# Switchable loss / architecture components (Table 2's last rows).
+COMPONENTS = ("cl", "al", "club", "hmoe")
+COMPONENT_HELP = {"cl": "unimodal contrastive losses L_m^CL (Eq. 15)",
+                  "al": "unimodal distillation losses L_m^AL (Eq. 16)",
+                  "club": "expert disentanglement loss L_CLUB (Eq. 9)",
+                  "hmoe": "hierarchical MoE (one linear layer per modality, uniform fusion)"}
+BOW_TOP = 1000  # bag-of-words vocabulary size (relations and attribute names), as in the paper
+
+
+class DataError(ValueError):
+    """Bad input: the message names the file, the line and what was expected."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration: one dataclass, the single source of flags, defaults and help texts.
+# ---------------------------------------------------------------------------------------------
+
+
+def _flag(default, help, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class Config:
+    file_dir: str = _flag("", "dataset folder in the standard layout; empty = the embedded synthetic default")
+    rate: float = _flag(0.2, "fraction of the aligned pairs used as training seeds, in (0, 1)")
+    val_ratio: float = _flag(0.0, "fraction of the training seeds held out for model selection "
+                                  "(0 = the paper's protocol: no validation split)")
+    train_ill_path: str = _flag("", "file of 'id1<TAB>id2' training pairs replacing the seed split's training "
+                                    "pairs (e.g. pseudo-labels); the test pairs stay those of the split")
+    seed: int = _flag(42, "random seed for the split, initialisation and training")
+    epochs: int = _flag(1000, "training epochs (one optimiser step per epoch, as the official code)")
+    check_point: int = _flag(10, "evaluate every this many epochs")
+    hidden_units: str = _flag("300,300,300", "GAT sizes 'in,hidden,out' (all equal: the weight is diagonal); "
+                                             "the last is the hidden size D of every network")
+    heads: str = _flag("2,2", "attention heads per GAT layer, comma separated (one entry per layer)")
+    lr: float = _flag(5e-4, "AdamW learning rate")
+    weight_decay: float = _flag(0.01, "AdamW weight decay (torch's default, which the official code used)")
+    dropout: float = _flag(0.0, "dropout on the GAT layer inputs, in [0, 1)")
+    attn_dropout: float = _flag(0.0, "dropout on the GAT attention coefficients, in [0, 1)")
+    n_exp: int = _flag(5, "experts per modality K (Eq. 6)")
+    fusion_weight_dim: int = _flag(0, "hidden width of the inter-modal router (Eq. 11); 0 = one linear layer")
+    bsize: int = _flag(512, "seed pairs per loss batch (in-batch negatives, Eq. 13)")
+    tau_cl: float = _flag(0.1, "temperature of the contrastive losses (Eq. 13)")
+    tau_al: float = _flag(4.0, "temperature of the distillation distributions (Eq. 16)")
+    cl_loss: float = _flag(1.0, "lambda_1: weight of the unimodal contrastive losses (Eq. 17)")
+    al_loss: float = _flag(0.1, "lambda_2: weight of the unimodal distillation losses (Eq. 17)")
+    mi_loss: float = _flag(1e-4, "weight of the CLUB loss (Eq. 17; the official code's 1e-4)")
+    q_lr: float = _flag(5e-4, "learning rate of the CLUB variational networks' own AdamW")
+    without: str = _flag("", "comma-separated components to switch off: modalities "
+                              f"{', '.join(MODALITIES)} (or g, v, r_b, r_t, a_b, a_t) and {', '.join(COMPONENTS)}")
+    csls: bool = _flag(True, "rank with CSLS (--no-csls: plain cosine)", boolean=True)
+    csls_k: int = _flag(3, "neighbourhood size k of CSLS")
+    il: bool = _flag(False, "iterative training: add mutual nearest neighbours as pseudo pairs", boolean=True)
+    il_start: int = _flag(-1, "epoch at which iterative training starts (-1 = after --epochs)")
+    il_epochs: int = _flag(500, "extra epochs of iterative training after --epochs (the paper's +500)")
+    il_step: int = _flag(10, "epochs between two pseudo-label updates")
+    device: str = _flag("cuda" if torch.cuda.is_available() else "cpu", "torch device (default: cuda when present)")
+    out_dir: str = _flag("runs", "parent folder of the run folders")
+    run_name: str = _flag("", "run folder name (default: <dataset>_r<rate>_s<seed>[_wo-...])")
+    save_every: int = _flag(50, "write a resumable checkpoint every this many epochs (0 = only at the end)")
+    resume: str = _flag("", "run folder to resume from its last checkpoint")
+    eval_chunk: int = _flag(4096, "query rows per evaluation block (bounds evaluation memory)")
+
+    @property
+    def hidden(self) -> int:
+        return int(self.hidden_units.split(",")[-1])
+
+    @property
+    def disabled(self) -> set[str]:
+        return set(parse_without(self.without))
+
+    @property
+    def total_epochs(self) -> int:
+        return self.epochs + (self.il_epochs if self.il else 0)
+
+    def validate(self) -> None:
+        if not 0.0 < self.rate < 1.0:
+            raise DataError(f"--rate must be in (0, 1), got {self.rate}")
+        if not 0.0 <= self.val_ratio < 1.0:
+            raise DataError(f"--val_ratio must be in [0, 1), got {self.val_ratio}")
+        dims = [int(d) for d in self.hidden_units.split(",")]
+        if len(set(dims)) != 1 or len(dims) < 2:
+            raise DataError("--hidden_units must be equal sizes 'D,D,...' (diagonal GAT weight), "
+                            f"got {self.hidden_units}")
+        if len(self.heads.split(",")) != len(dims) - 1:
+            raise DataError(f"--heads needs one entry per GAT layer ({len(dims) - 1}), got {self.heads}")
+        for name in ("epochs", "check_point", "n_exp", "bsize", "csls_k", "il_step"):
+            if getattr(self, name) < 1:
+                raise DataError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        parse_without(self.without)
+
+
+def parse_without(text: str) -> list[str]:
+    """'image,cl' or 'v' -> canonical names; unknown names are an error listing the valid ones."""
+    names = []
+    for raw in filter(None, (t.strip() for t in text.replace(" ", ",").split(","))):
+        name = MODALITY_ALIASES.get(raw, raw)
+        if name not in MODALITIES and name not in COMPONENTS:
+            valid = ", ".join(MODALITIES + COMPONENTS + tuple(MODALITY_ALIASES))
+            raise DataError(f"--without: unknown component '{raw}'; valid names: {valid}")
+        names.append(name)
+    return names
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeding and logging.
+# ---------------------------------------------------------------------------------------------
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def get_logger(log_file: Path | None = None) -> logging.Logger:
+    """The project's one logger: plain lines to stderr (tqdm-safe) and to the run's log file."""
+    log = logging.getLogger("humea")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    stream = _TqdmHandler()
+    stream.setFormatter(fmt)
+    log.addHandler(stream)
+    if log_file is not None:
+        fh = logging.FileHandler(log_file, encoding="utf-8")
+        fh.setFormatter(fmt)
+        log.addHandler(fh)
+    return log
+
+
+class _TqdmHandler(logging.Handler):
+    def emit(self, record):
+        from tqdm import tqdm
+
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def kv(**items) -> str:
+    """key=value metric line; floats with 4 decimals."""
+    return " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in items.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# Safe writing: a kill during a write never leaves a half-written file in place.
+# ---------------------------------------------------------------------------------------------
+
+
+def atomic_write(path: Path, write_fn, mode: str = "w") -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write(path, lambda f: json.dump(obj, f, indent=2, sort_keys=False))
+
+
+def atomic_torch_save(path: Path, obj) -> None:
+    atomic_write(path, lambda f: torch.save(obj, f), mode="wb")
+
+
+def config_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: the standard MMEA folder layout (MCLEA / MEAformer / official HUMEA data).
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MMKG:
+    """Two KGs in one id space, their gold links and per-entity modality inputs."""
+
+    root: Path
+    names: list[str]  # (N,) entity name by id
+    kg: np.ndarray  # (N,) 0 = KG1 (left), 1 = KG2 (right)
+    links: np.ndarray  # (P, 2) gold aligned pairs (KG1 id, KG2 id)
+    triples: np.ndarray  # (T, 3) h, r, t over both KGs
+    features: dict[str, np.ndarray]  # modality -> (N, F) float32, for the modalities with inputs
+    coverage: dict[str, float]  # modality -> fraction of entities with a real vector
+    notes: list[str]  # what the loader decided (disabled modalities, fills), for the log
+
+    @property
+    def num_entities(self) -> int:
+        return len(self.names)
+
+
+def _read_lines(path: Path) -> list[str]:
+    if not path.is_file():
+        raise DataError(f"{path}: required file is missing")
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    if not lines:
+        raise DataError(f"{path}: file is empty; expected at least one line")
+    return lines
+
+
+def _int(path: Path, lineno: int, token: str, what: str) -> int:
+    try:
+        return int(token)
+    except ValueError:
+        raise DataError(f"{path} line {lineno}: expected an integer {what}, got '{token}'") from None
+
+
+def _read_int_table(path: Path, columns: int, form: str) -> np.ndarray:
+    """A tab-separated table of integers; fast path first, exact diagnosis on failure."""
+    lines = _read_lines(path)
+    rows = [line.split("\t") for line in lines]
+    if all(len(r) == columns for r in rows):
+        try:
+            return np.array(rows, dtype=np.int64).reshape(-1, columns)
+        except ValueError:
+            pass
+    values = []
+    for lineno, row in enumerate(rows, 1):
+        if len(row) != columns:
+            raise DataError(f"{path} line {lineno}: expected '{form}' ({columns} tab-separated fields), "
+                            f"got {len(row)} field(s): {lines[lineno - 1][:80]!r}")
+        values.append([_int(path, lineno, tok.strip(), "id") for tok in row])
+    return np.array(values, dtype=np.int64).reshape(-1, columns)
+
+
+def _read_ent_ids(path: Path) -> tuple[list[int], list[str]]:
+    ids, names = [], []
+    for lineno, line in enumerate(_read_lines(path), 1):
+        parts = line.split("\t", 1)
+        if len(parts) != 2 or not parts[1]:
+            raise DataError(f"{path} line {lineno}: expected 'id<TAB>name', got {line[:80]!r}")
+        ids.append(_int(path, lineno, parts[0], "entity id"))
+        names.append(parts[1])
+    return ids, names
+
+
+def _check_ids(path: Path, array: np.ndarray, allowed: np.ndarray, cols, kg_name: str, num: int):
+    """Every id in the given columns must be in range and an entity of the allowed KG."""
+    for c in cols:
+        col = array[:, c]
+        bad = np.nonzero((col < 0) | (col >= num))[0]
+        if bad.size:
+            i = int(bad[0])
+            raise DataError(f"{path} line {i + 1}: id {col[i]} is out of range (entity ids are 0..{num - 1})")
+        bad = np.nonzero(~allowed[col])[0]
+        if bad.size:
+            i = int(bad[0])
+            raise DataError(f"{path} line {i + 1}: id {col[i]} is not an entity of {kg_name}")
+
+
+def load_dataset(file_dir: str | Path, disabled: set[str] = frozenset(), seed: int = 0,
+                 log: logging.Logger | None = None) -> MMKG:
+    """Load the standard layout in ``file_dir``.
+
+    Required: ent_ids_1, ent_ids_2 (id TAB name), ill_ent_ids (id TAB id), triples_1,
+    triples_2 (h TAB r TAB t). Optional: training_attrs_1/2 (name TAB attr TAB attr ...),
+    <DATASET>_id_img_feature_dict.pkl, triples_feature_dict.pkl (relation text),
+    attribute_feature_dict.pkl (attribute text). A modality without its input is disabled.
+    """
+    root = Path(file_dir)
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset folder does not exist (expected ent_ids_1, ent_ids_2, ill_ent_ids, "
+                        "triples_1, triples_2 inside)")
+    notes: list[str] = []
+    ids1, names1 = _read_ent_ids(root / "ent_ids_1")
+    ids2, names2 = _read_ent_ids(root / "ent_ids_2")
+    n = len(ids1) + len(ids2)
+    names: list[str | None] = [None] * n
+    kg = np.full(n, -1, dtype=np.int8)
+    seen: dict[int, str] = {}
+    for fname, ids, nms, side in (("ent_ids_1", ids1, names1, 0), ("ent_ids_2", ids2, names2, 1)):
+        for lineno, (i, name) in enumerate(zip(ids, nms), 1):
+            where = f"{root / fname} line {lineno}"
+            if i in seen:
+                raise DataError(f"{where}: duplicated entity id {i} (first defined at {seen[i]})")
+            if not 0 <= i < n:
+                raise DataError(f"{where}: id {i} is out of range; the ids of ent_ids_1 and ent_ids_2 together "
+                                f"must be 0..{n - 1}")
+            seen[i] = where
+            names[i], kg[i] = name, side
+    links = _read_int_table(root / "ill_ent_ids", 2, "id1<TAB>id2")
+    _check_ids(root / "ill_ent_ids", links, kg == 0, [0], "KG1 (ent_ids_1)", n)
+    _check_ids(root / "ill_ent_ids", links, kg == 1, [1], "KG2 (ent_ids_2)", n)
+    triples = []
+    for fname, side in (("triples_1", 0), ("triples_2", 1)):
+        t = _read_int_table(root / fname, 3, "head<TAB>relation<TAB>tail")
+        _check_ids(root / fname, t, kg == side, [0, 2], f"KG{side + 1} (ent_ids_{side + 1})", n)
+        triples.append(t)
+    triples = np.concatenate(triples)
+
+    features: dict[str, np.ndarray] = {}
+    coverage: dict[str, float] = {}
+    rng = np.random.default_rng(seed)
+    if "rel_bow" not in disabled:
+        features["rel_bow"] = relation_bow(triples, n)
+        coverage["rel_bow"] = float((features["rel_bow"].any(1)).mean())
+    if "attr_bow" not in disabled:
+        attrs = _read_attrs(root, names, kg)
+        if attrs is None:
+            notes.append("attr_bow: no training_attrs_1/2 files -> modality disabled")
+        else:
+            features["attr_bow"] = attribute_bow(attrs, n)
+            coverage["attr_bow"] = float((features["attr_bow"].any(1)).mean())
+    for modality, fname in (("image", _image_file(root)), ("rel_text", "triples_feature_dict.pkl"),
+                            ("attr_text", "attribute_feature_dict.pkl")):
+        if modality in disabled:
+            continue
+        path = root / fname if fname else None
+        if path is None or not path.is_file():
+            notes.append(f"{modality}: no {fname or '*_id_img_feature_dict.pkl'} in {root} -> modality disabled")
+            continue
+        mat, cov = _read_feature_pickle(path, n, rng)
+        if mat is None:
+            notes.append(f"{modality}: {path.name} holds no vectors -> modality disabled")
+            continue
+        features[modality], coverage[modality] = mat, cov
+        if cov < 1.0:
+            notes.append(f"{modality}: {path.name} covers {cov:.1%} of entities; the rest drawn from the "
+                         "per-dimension mean/std of the present vectors (seeded, as the official code did)")
+    data = MMKG(root, names, kg.astype(np.int64), links, triples, features, coverage, notes)
+    if log:
+        log.info(kv(dataset=str(root), entities=n, kg1=int((kg == 0).sum()), kg2=int((kg == 1).sum()),
+                    links=len(links), triples=len(triples)))
+        for note in notes:
+            log.info(note)
+        for m in MODALITIES[1:]:
+            if m in features:
+                log.info(kv(modality=m, dim=features[m].shape[1], coverage=coverage[m]))
+    return data
+
+
+def _image_file(root: Path) -> str | None:
+    preferred = root / f"{root.name}_id_img_feature_dict.pkl"
+    if preferred.is_file():
+        return preferred.name
+    found = sorted(root.glob("*_id_img_feature_dict.pkl"))
+    return found[0].name if found else None
+
+
+def _read_feature_pickle(path: Path, n: int, rng: np.random.Generator):
+    """dict id -> vector  ->  (N, F) float32 matrix with the missing rows filled, and coverage."""
+    try:
+        with open(path, "rb") as f:
+            obj = pickle.load(f)  # the official data format; only load pickles you trust
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a data error here
+        raise DataError(f"{path}: cannot unpickle ({type(e).__name__}: {e}); "
+                        "expected a dict entity id -> vector") from e
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: expected a pickled dict entity id -> vector, got {type(obj).__name__}")
+    if not obj:
+        return None, 0.0
+    dim = None
+    mat = None
+    present = np.zeros(n, dtype=bool)
+    for key, vec in obj.items():
+        try:
+            i = int(key)
+        except (TypeError, ValueError):
+            raise DataError(f"{path}: key {key!r} is not an integer entity id") from None
+        if not 0 <= i < n:
+            raise DataError(f"{path}: key {i} is out of range (entity ids are 0..{n - 1})")
+        v = np.asarray(vec, dtype=np.float32).reshape(-1)
+        if dim is None:
+            dim = v.size
+            mat = np.empty((n, dim), dtype=np.float32)
+        elif v.size != dim:
+            raise DataError(f"{path}: the vector of entity {i} has size {v.size}, expected {dim} "
+                            "(the size of the first vector)")
+        mat[i] = v
+        present[i] = True
+    missing = ~present
+    if missing.any():
+        mean, std = mat[present].mean(0), mat[present].std(0)
+        mat[missing] = rng.normal(mean, std, size=(int(missing.sum()), dim)).astype(np.float32)
+    return mat, float(present.mean())
+
+
+def _read_attrs(root: Path, names: list[str], kg: np.ndarray):
+    """training_attrs_1/2 -> list of (entity id, [attribute names]); None if both files absent."""
+    files = [root / "training_attrs_1", root / "training_attrs_2"]
+    if not any(p.is_file() for p in files):
+        return None
+    index = [{} for _ in range(2)]
+    for i, name in enumerate(names):
+        index[kg[i]][name] = i
+    out = []
+    for side, path in enumerate(files):
+        if not path.is_file():
+            continue
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            parts = line.split("\t")
+            if len(parts) < 1 or not parts[0]:
+                raise DataError(f"{path} line {lineno}: expected 'entity name<TAB>attr<TAB>attr...', got {line[:80]!r}")
+            ent = index[side].get(parts[0])
+            if ent is None:
+                raise DataError(f"{path} line {lineno}: entity '{parts[0][:80]}' is not in ent_ids_{side + 1}")
+            out.append((ent, [a for a in parts[1:] if a]))
+    return out
+
+
+def relation_bow(triples: np.ndarray, n: int, top: int = BOW_TOP) -> np.ndarray:
+    """(N, top) counts of the `top` most frequent relations over the triples where the entity is
+    head or tail, each row L2-normalised (rows of isolated entities stay zero)."""
+    rels = np.concatenate([triples[:, 1], triples[:, 1]])
+    ents = np.concatenate([triples[:, 0], triples[:, 2]])
+    counts = np.bincount(rels)
+    keep = np.argsort(-counts, kind="stable")[:min(top, int((counts > 0).sum()))]
+    col = np.full(counts.size, -1)
+    col[keep] = np.arange(keep.size)
+    sel = col[rels] >= 0
+    mat = np.zeros((n, keep.size), dtype=np.float32)
+    np.add.at(mat, (ents[sel], col[rels[sel]]), 1.0)
+    return _l2_rows(mat)
+
+
+def attribute_bow(attrs, n: int, top: int = BOW_TOP) -> np.ndarray:
+    """(N, top) binary indicators of the `top` most frequent attribute names, rows L2-normalised."""
+    freq: dict[str, int] = {}
+    for _, names in attrs:
+        for a in set(names):
+            freq[a] = freq.get(a, 0) + 1
+    vocab = sorted(freq, key=lambda a: (-freq[a], a))[:top]
+    col = {a: j for j, a in enumerate(vocab)}
+    mat = np.zeros((n, max(len(vocab), 1)), dtype=np.float32)
+    for ent, names in attrs:
+        for a in names:
+            j = col.get(a)
+            if j is not None:
+                mat[ent, j] = 1.0
+    return _l2_rows(mat)
+
+
+def _l2_rows(mat: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(mat, axis=1, keepdims=True)
+    return mat / np.maximum(norm, 1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits and pair files.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Split:
+    train: np.ndarray  # (P_train, 2)
+    valid: np.ndarray  # (P_val, 2), empty when val_ratio = 0
+    test: np.ndarray  # (P_test, 2)
+
+
+def split_links(links: np.ndarray, rate: float, seed: int, val_ratio: float = 0.0) -> Split:
+    """The paper's split: shuffle the aligned pairs with the seed, the first ``rate`` fraction
+    trains, the rest tests. With val_ratio > 0 the last val_ratio of the training part is held
+    out for model selection (the test pairs do not change)."""
+    perm = np.random.RandomState(seed).permutation(len(links))
+    shuffled = links[perm]
+    n_train = int(len(links) * rate)
+    train, test = shuffled[:n_train], shuffled[n_train:]
+    n_val = int(round(len(train) * val_ratio))
+    return Split(train[:len(train) - n_val], train[len(train) - n_val:], test)
+
+
+def read_pair_file(path: str | Path, data: MMKG) -> np.ndarray:
+    """A train_ill_path file: lines 'id1<TAB>id2' with id1 in KG1 and id2 in KG2."""
+    path = Path(path)
+    pairs = _read_int_table(path, 2, "id1<TAB>id2")
+    _check_ids(path, pairs, data.kg == 0, [0], "KG1 (ent_ids_1): each pair must be (KG1 id, KG2 id)",
+               data.num_entities)
+    _check_ids(path, pairs, data.kg == 1, [1], "KG2 (ent_ids_2): each pair must be (KG1 id, KG2 id)",
+               data.num_entities)
+    return pairs
+
+
+def write_pair_file(path: Path, pairs: np.ndarray) -> None:
+    atomic_write(path, lambda f: f.writelines(f"{a}\t{b}\n" for a, b in pairs))
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: one vectorised function, chunked so that memory stays O(chunk x C).
+# ---------------------------------------------------------------------------------------------
+
+
+def _row_blocks(n: int, chunk: int):
+    for s in range(0, n, chunk):
+        yield slice(s, min(s + chunk, n))
+
+
+@torch.no_grad()
+def mean_topk_similarity(queries: torch.Tensor, candidates: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
+    """r(q) = mean of the k largest cosine similarities of q to the candidates (CSLS's r term)."""
+    k = min(k, candidates.shape[0])
+    out = torch.empty(queries.shape[0], device=queries.device)
+    for b in _row_blocks(queries.shape[0], chunk):
+        out[b] = (queries[b] @ candidates.t()).topk(k, dim=1).values.mean(1)
+    return out
+
+
+@torch.no_grad()
+def directional_ranks(queries, candidates, gold, r_q, r_c, chunk: int, return_top1: bool = False):
+    """Rank of gold[i] among all candidates for query i.
+
+    score(q, c) = 2 cos(q, c) - r_q - r_c (CSLS; pass zeros for plain cosine).
+    Ties: rank = 1 + #(candidates scoring strictly higher) + #(other candidates scoring
+    exactly the same) / 2, the expected rank under random tie breaking.
+    queries: (Q, D) normalised, candidates: (C, D) normalised, gold: (Q,) candidate index.
+    """
+    ranks = torch.empty(queries.shape[0], dtype=torch.float64, device=queries.device)
+    top1 = torch.empty(queries.shape[0], dtype=torch.long, device=queries.device)
+    top1_score = torch.empty(queries.shape[0], device=queries.device)
+    for b in _row_blocks(queries.shape[0], chunk):
+        scores = 2 * (queries[b] @ candidates.t()) - r_q[b, None] - r_c[None, :]  # (q, C)
+        gold_score = scores.gather(1, gold[b, None])  # (q, 1)
+        higher = (scores > gold_score).sum(1)
+        ties = (scores == gold_score).sum(1) - 1
+        ranks[b] = 1 + higher.double() + 0.5 * ties.double()
+        if return_top1:
+            top1_score[b], top1[b] = scores.max(1)
+    return (ranks, top1, top1_score) if return_top1 else ranks
+
+
+def rank_metrics(ranks: torch.Tensor) -> dict[str, float]:
+    r = ranks.double()
+    return {"hits@1": float((r <= 1).double().mean()), "hits@5": float((r <= 5).double().mean()),
+            "hits@10": float((r <= 10).double().mean()), "mrr": float((1.0 / r).mean()), "mr": float(r.mean())}
+
+
+@torch.no_grad()
+def evaluate_alignment(emb: torch.Tensor, pairs: np.ndarray, ids: np.ndarray | None = None, csls_k: int = 3,
+                       use_csls: bool = True, chunk: int = 4096, with_predictions: bool = False):
+    """Alignment metrics of ``pairs`` from entity embeddings ``emb``: (N, D) indexed by entity id,
+    or (R, D) whose rows are the sorted entity ids ``ids``.
+
+    Candidates are the test entities only: each left entity of ``pairs`` is ranked against all
+    distinct right entities of ``pairs`` (left-to-right), and vice versa (right-to-left).
+    Similarity is the cosine of L2-normalised embeddings, adjusted by CSLS with k = csls_k.
+    Returns {"l2r": {...}, "r2l": {...}, "avg": {...}} with hits@1/5/10, mrr, mr; the
+    headline numbers are "avg", the mean of the two directions. Each gold pair is ranked on
+    its own: when an entity has two gold counterparts, the other one counts as a competitor.
+    """
+    pairs = np.asarray(pairs)
+    left_ids, left_pos = np.unique(pairs[:, 0], return_inverse=True)
+    right_ids, right_pos = np.unique(pairs[:, 1], return_inverse=True)
+    dev = emb.device
+    rows = (lambda e: e) if ids is None else (lambda e: np.searchsorted(ids, e))
+    left = torch.nn.functional.normalize(emb[torch.as_tensor(rows(left_ids), device=dev)].float(), dim=-1)
+    right = torch.nn.functional.normalize(emb[torch.as_tensor(rows(right_ids), device=dev)].float(), dim=-1)
+    if use_csls:
+        r_left = mean_topk_similarity(left, right, csls_k, chunk)  # (L,)
+        r_right = mean_topk_similarity(right, left, csls_k, chunk)  # (R,)
+    else:
+        r_left = torch.zeros(len(left_ids), device=dev)
+        r_right = torch.zeros(len(right_ids), device=dev)
+    lp = torch.as_tensor(left_pos, device=dev)
+    rp = torch.as_tensor(right_pos, device=dev)
+    l2r = directional_ranks(left[lp], right, rp, r_left[lp], r_right, chunk, return_top1=with_predictions)
+    r2l = directional_ranks(right[rp], left, lp, r_right[rp], r_left, chunk)
+    if with_predictions:
+        l2r, top1, top1_score = l2r
+    m1, m2 = rank_metrics(l2r), rank_metrics(r2l)
+    result = {"l2r": m1, "r2l": m2, "avg": {k: (m1[k] + m2[k]) / 2 for k in m1}}
+    if with_predictions:
+        result["predictions"] = {"left": pairs[:, 0], "gold_right": pairs[:, 1],
+                                 "pred_right": right_ids[top1.cpu().numpy()],
+                                 "score": top1_score.cpu().numpy(), "rank": l2r.cpu().numpy()}
+    return result
+
+
+@torch.no_grad()
+def mutual_nearest_pairs(left_emb: torch.Tensor, right_emb: torch.Tensor, left_ids: np.ndarray,
+                         right_ids: np.ndarray, csls_k: int = 3, chunk: int = 4096) -> np.ndarray:
+    """Pairs (l, r) such that r is l's best CSLS match among right_ids and l is r's best match
+    among left_ids: the pseudo-labels of iterative training. left_emb / right_emb: (L, D) /
+    (R, D) rows of left_ids / right_ids. Returns (P, 2) entity ids."""
+    if len(left_ids) == 0 or len(right_ids) == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    dev = left_emb.device
+    left = torch.nn.functional.normalize(left_emb.float(), dim=-1)
+    right = torch.nn.functional.normalize(right_emb.float(), dim=-1)
+    r_left = mean_topk_similarity(left, right, csls_k, chunk)
+    r_right = mean_topk_similarity(right, left, csls_k, chunk)
+    best_r = torch.empty(len(left_ids), dtype=torch.long, device=dev)
+    for b in _row_blocks(len(left_ids), chunk):
+        best_r[b] = (2 * left[b] @ right.t() - r_left[b, None] - r_right[None]).argmax(1)
+    best_l = torch.empty(len(right_ids), dtype=torch.long, device=dev)
+    for b in _row_blocks(len(right_ids), chunk):
+        best_l[b] = (2 * right[b] @ left.t() - r_right[b, None] - r_left[None]).argmax(1)
+    li = torch.arange(len(left_ids), device=dev)
+    mutual = best_l[best_r] == li
+    return np.stack([left_ids[li[mutual].cpu().numpy()], right_ids[best_r[mutual].cpu().numpy()]], 1)
+
+
+def pair_overlap(pairs: np.ndarray, reference: np.ndarray) -> int:
+    """How many rows of ``pairs`` are also rows of ``reference``."""
+    if len(pairs) == 0 or len(reference) == 0:
+        return 0
+    ref = {(int(a), int(b)) for a, b in reference}
+    return sum((int(a), int(b)) in ref for a, b in pairs)
+
+
+def finite_or_raise(name: str, value: torch.Tensor, epoch: int) -> None:
+    if not bool(torch.isfinite(value).all()):
+        raise FloatingPointError(f"loss term '{name}' is {float(value)} at epoch {epoch}")
+
+
+def nan_to_none(x):
+    return None if isinstance(x, float) and math.isnan(x) else x
