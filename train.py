@@ -98,42 +98,42 @@ def train_epoch(model: HUMEA, club: CLUBDisentanglement | None, inputs: ModelInp
     """One optimiser step on the sum of the losses of all batches (as the official code does).
 
     The experts run only on the entities of the training pairs: the losses read nothing else,
-    and each expert acts on one entity at a time, so this equals the full computation."""
+    and each expert acts on one entity at a time, so this equals the full computation.
+    L_CLUB (Eq. 9) is defined on "a batch of entities"; it is computed on one random batch of
+    ``club_bsize`` training entities per epoch, not on every loss batch: its variational networks
+    run on every (entity, expert) row, which would otherwise cost more than the rest of the epoch."""
     model.train()
     dev = inputs.graph.src.device
-    ents, inverse = np.unique(pairs, return_inverse=True)
+    ents = np.unique(pairs)
     row = dict(zip(ents.tolist(), range(len(ents))))
     if club is not None:
-        club.requires_grad_(False)
+        club.requires_grad_(False)  # Q_m is fitted by its own optimiser below, not by this loss
     out = model(torch.as_tensor(ents, device=dev), inputs)
-    terms = {"fused_cl": 0.0, "uni_cl": 0.0, "distill": 0.0, "club": 0.0}
-    total = 0.0
-    batch_experts = []
-    for batch in loss_batches(pairs, cfg.bsize, gen):
+    fused_cl = 0.0
+    uni_cl = {m: 0.0 for m in model.modalities} if "cl" not in cfg.disabled else {}
+    distill = {m: 0.0 for m in model.modalities} if "al" not in cfg.disabled else {}
+    for batch in loss_batches(pairs, cfg.bsize, gen):  # losses of all batches are summed
         r1 = torch.as_tensor([row[e] for e in batch[:, 0]], device=dev)
         r2 = torch.as_tensor([row[e] for e in batch[:, 1]], device=dev)
         z1, z2 = out.fused[r1], out.fused[r2]
-        fused_cl = contrastive_alignment_loss(z1, z2, cfg.tau_cl)  # Eq. 13-14
-        uni_cl, distill = {}, {}
-        for m in model.modalities:
-            u1, u2 = out.unimodal[m][r1], out.unimodal[m][r2]
-            if "cl" not in cfg.disabled:
-                uni_cl[m] = contrastive_alignment_loss(u1, u2, cfg.tau_cl)  # Eq. 15
-            if "al" not in cfg.disabled:
-                distill[m] = unimodal_distillation_loss(u1, u2, z1, z2, cfg.tau_al)  # Eq. 16
-        club_term = torch.zeros((), device=dev)
-        if club is not None:
-            rows = torch.cat([r1, r2])
-            experts = {m: out.experts[m][rows] for m in model.modalities}  # (2B, K, D)
-            club_term = club(experts)  # Eq. 9
-            batch_experts.append({m: e.detach() for m, e in experts.items()})
-        total = total + total_loss(fused_cl, uni_cl, club_term, distill, cfg.cl_loss, cfg.al_loss, cfg.mi_loss)
-        for name, value in (("fused_cl", fused_cl), ("uni_cl", sum(uni_cl.values(), 0.0)),
-                            ("distill", sum(distill.values(), 0.0)), ("club", club_term)):
-            v = torch.as_tensor(value).detach()
-            finite_or_raise(name, v, epoch)
-            terms[name] += float(v)
-    finite_or_raise("total", total, epoch)
+        fused_cl = fused_cl + contrastive_alignment_loss(z1, z2, cfg.tau_cl)  # Eq. 13-14
+        for m in uni_cl:
+            uni_cl[m] = uni_cl[m] + contrastive_alignment_loss(out.unimodal[m][r1], out.unimodal[m][r2],
+                                                               cfg.tau_cl)  # Eq. 15
+        for m in distill:
+            distill[m] = distill[m] + unimodal_distillation_loss(out.unimodal[m][r1], out.unimodal[m][r2],
+                                                                 z1, z2, cfg.tau_al)  # Eq. 16
+    club_term = torch.zeros((), device=dev)
+    if club is not None:
+        rows = torch.randperm(len(ents), generator=gen)[:cfg.club_bsize].to(dev)
+        experts = {m: out.experts[m][rows] for m in model.modalities}  # (B, K, D)
+        club_term = club(experts)  # Eq. 9
+    total = total_loss(fused_cl, uni_cl, club_term, distill, cfg.cl_loss, cfg.al_loss, cfg.mi_loss)  # Eq. 17
+    terms = {"fused_cl": fused_cl, "uni_cl": sum(uni_cl.values(), 0.0), "distill": sum(distill.values(), 0.0),
+             "club": club_term, "total": total}
+    for name, value in terms.items():
+        finite_or_raise(name, torch.as_tensor(value).detach(), epoch)
+    terms = {k: float(torch.as_tensor(v).detach()) for k, v in terms.items()}
     opt.zero_grad(set_to_none=True)
     total.backward()
     opt.step()
@@ -141,12 +141,12 @@ def train_epoch(model: HUMEA, club: CLUBDisentanglement | None, inputs: ModelInp
         # CLUB's variational networks Q_m are fitted by their own optimiser on detached outputs.
         club.requires_grad_(True)
         q_opt.zero_grad(set_to_none=True)
-        fit = sum(club.q_fit_loss(e) for e in batch_experts)
+        fit = club.q_fit_loss({m: e.detach() for m, e in experts.items()})
         finite_or_raise("club_q_fit", fit, epoch)
         fit.backward()
         q_opt.step()
-        terms["club_q_nll"] = float(fit)
-    terms["loss"] = float(total)
+        terms["club_q_nll"] = float(fit.detach())
+    terms["loss"] = terms.pop("total")
     return terms
 
 

@@ -73,6 +73,7 @@ class Config:
     cl_loss: float = _flag(1.0, "lambda_1: weight of the unimodal contrastive losses (Eq. 17)")
     al_loss: float = _flag(0.1, "lambda_2: weight of the unimodal distillation losses (Eq. 17)")
     mi_loss: float = _flag(1e-4, "weight of the CLUB loss (Eq. 17; the official code's 1e-4)")
+    club_bsize: int = _flag(128, "entities in the batch on which L_CLUB (Eq. 9) is computed each epoch")
     q_lr: float = _flag(5e-4, "learning rate of the CLUB variational networks' own AdamW")
     without: str = _flag("", "comma-separated components to switch off: modalities "
                               f"{', '.join(MODALITIES)} (or g, v, r_b, r_t, a_b, a_t) and {', '.join(COMPONENTS)}")
@@ -112,7 +113,7 @@ class Config:
                             f"got {self.hidden_units}")
         if len(self.heads.split(",")) != len(dims) - 1:
             raise DataError(f"--heads needs one entry per GAT layer ({len(dims) - 1}), got {self.heads}")
-        for name in ("epochs", "check_point", "n_exp", "bsize", "csls_k", "il_step"):
+        for name in ("epochs", "check_point", "n_exp", "bsize", "club_bsize", "csls_k", "il_step"):
             if getattr(self, name) < 1:
                 raise DataError(f"--{name} must be >= 1, got {getattr(self, name)}")
         parse_without(self.without)
@@ -252,14 +253,18 @@ def _read_int_table(path: Path, columns: int, form: str) -> np.ndarray:
     if all(len(r) == columns for r in rows):
         try:
             return np.array(rows, dtype=np.int64).reshape(-1, columns)
-        except ValueError:
+        except (ValueError, OverflowError):
             pass
     values = []
     for lineno, row in enumerate(rows, 1):
         if len(row) != columns:
             raise DataError(f"{path} line {lineno}: expected '{form}' ({columns} tab-separated fields), "
                             f"got {len(row)} field(s): {lines[lineno - 1][:80]!r}")
-        values.append([_int(path, lineno, tok.strip(), "id") for tok in row])
+        ints = [_int(path, lineno, tok.strip(), "id") for tok in row]
+        for v in ints:
+            if not -(2**63) <= v < 2**63:
+                raise DataError(f"{path} line {lineno}: id {v} is out of range (too large for a 64-bit integer)")
+        values.append(ints)
     return np.array(values, dtype=np.int64).reshape(-1, columns)
 
 
