@@ -62,6 +62,7 @@ Z latent size, D feature size, R relations, U attribute meanings, K types.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pickle
 import shutil
@@ -113,7 +114,7 @@ ATTR_TEXT_NOISE = 0.1  # per-entity noise of the attribute-text vector
 IMG_CHUNK = 4096  # rows of image features generated at once (bounds memory; fixed for determinism)
 
 DEFAULT_KWARGS = dict(
-    n1=1500, n2=1400, n_links=1200, n_relations1=100, n_relations2=40, n_attributes1=40,
+    n1=3000, n2=2800, n_links=2500, n_relations1=100, n_relations2=40, n_attributes1=40,
     n_attributes2=60, avg_degree1=20.0, avg_degree2=8.0, img_dim=256, text_dim=128,
     image_coverage=0.85, seed=0,
 )
@@ -634,17 +635,28 @@ def is_complete(folder: str | os.PathLike) -> bool:
 def default_dataset(root: str | os.PathLike | None = None) -> Path:
     """The embedded default dataset (DEFAULT_KWARGS), generated once into ``root`` if absent.
 
-    ``root`` defaults to ``<repo>/data/embedded_default``; an existing complete folder is returned as is.
+    ``root`` defaults to ``<repo>/data/embedded_default``. A complete folder made with the current
+    DEFAULT_KWARGS (recorded in its ``generator.json``) is returned as is; one made with other
+    settings (an older version of this file) is generated anew.
     """
     out = Path(root) if root is not None else DEFAULT_ROOT
-    if is_complete(out):
+    stamp = json.dumps(DEFAULT_KWARGS, sort_keys=True)
+    if is_complete(out) and _stamp_of(out) == stamp:
         return out.resolve()
     try:
-        return generate_pair(out, **DEFAULT_KWARGS)
+        folder = generate_pair(out, **DEFAULT_KWARGS, overwrite=is_complete(out))
     except FileExistsError:
-        if is_complete(out):  # another process finished it first
+        if is_complete(out) and _stamp_of(out) == stamp:  # another process finished it first
             return out.resolve()
         raise
+    # Written after the folder is complete: a folder without it is regenerated, never trusted.
+    (folder / "generator.json").write_text(stamp + "\n", encoding="utf-8")
+    return folder
+
+
+def _stamp_of(folder: Path) -> str | None:
+    path = folder / "generator.json"
+    return path.read_text(encoding="utf-8").strip() if path.is_file() else None
 
 
 def fb15k_db15k_shape(out_dir: str | os.PathLike, scale: float = 1.0, seed: int = 0,
@@ -725,7 +737,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     size.add_argument("--scale", type=float, default=None,
                       help="FB15K-DB15K shape with every count times SCALE (unitless; 1.0 = full size)")
     size.add_argument("--default", action="store_true",
-                      help="the embedded default size (1500 + 1400 entities, 1200 links); the default choice")
+                      help="the embedded default size (3000 + 2800 entities, 2500 links); the default choice")
     p.add_argument("--seed", type=int, default=0, help="random seed (integer); same seed, same bytes")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--raw-hits", action="store_true",
