@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
+import logging.handlers
 import random
 import sys
 import time
@@ -101,7 +103,10 @@ def train_epoch(model: HUMEA, club: CLUBDisentanglement | None, inputs: ModelInp
     and each expert acts on one entity at a time, so this equals the full computation.
     L_CLUB (Eq. 9) is defined on "a batch of entities"; it is computed on one random batch of
     ``club_bsize`` training entities per epoch, not on every loss batch: its variational networks
-    run on every (entity, expert) row, which would otherwise cost more than the rest of the epoch."""
+    run on every (entity, expert) row, which would otherwise cost more than the rest of the epoch.
+
+    ``epoch`` is the number of this epoch (1 = the first; the numbering of metrics.jsonl), used only to
+    name it when a loss term is NaN or infinite: FloatingPointError, raised before any parameter changes."""
     model.train()
     dev = inputs.graph.src.device
     ents = np.unique(pairs)
@@ -169,10 +174,145 @@ def pseudo_label_step(model: HUMEA, inputs: ModelInputs, data, train_pairs: np.n
 
 
 def snapshot(model, club, opt, q_opt, gen, epoch, state) -> dict:
+    """Everything a resumed run needs to continue exactly: ``epoch`` = epochs done so far."""
     return {"model": model.state_dict(), "club": club.state_dict() if club else None,
             "opt": opt.state_dict(), "q_opt": q_opt.state_dict() if q_opt else None,
             "epoch": epoch, "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
             "numpy_rng": np.random.get_state(), "python_rng": random.getstate(), **state}
+
+
+def restore(ckpt: dict, model, club, opt, q_opt, gen) -> None:
+    """Load a snapshot's states; the RNGs last, so that nothing drawn while building the model leaks in."""
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    if club is not None:
+        club.load_state_dict(ckpt["club"])
+        q_opt.load_state_dict(ckpt["q_opt"])
+    gen.set_state(ckpt["gen"])
+    torch.set_rng_state(ckpt["torch_rng"])
+    np.random.set_state(ckpt["numpy_rng"])
+    random.setstate(ckpt["python_rng"])
+
+
+def load_checkpoint(run: Path) -> dict:
+    path = run / "checkpoint.pt"
+    if not path.is_file():
+        raise DataError(f"--resume {run}: no checkpoint.pt in that folder (a run killed before its first "
+                        "checkpoint has nothing to resume: start it again without --resume)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)  # our own file: numpy RNG states inside
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is a bad input here
+        raise DataError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})") from e
+
+
+# Flags that may differ between a run and its resumption: where it runs, and how it is resumed.
+RESUME_FREE = ("resume", "device")
+
+
+def resumed_config(cfg: Config, saved: dict) -> Config:
+    """A resumed run keeps its saved configuration. A flag given with --resume that differs from both
+    its default and the saved value would be silently ignored, so it is an error instead."""
+    try:
+        out = Config(**saved)
+    except TypeError as e:
+        raise DataError(f"--resume {cfg.resume}: the checkpoint's configuration does not match this version "
+                        f"of train.py ({e})") from None
+    default = Config()
+    for f in dataclasses.fields(Config):
+        given = getattr(cfg, f.name)
+        if f.name not in RESUME_FREE and given != getattr(default, f.name) and given != getattr(out, f.name):
+            raise DataError(f"--resume {cfg.resume}: --{f.name} {given} differs from the resumed run's "
+                            f"{getattr(out, f.name)}; a resumed run keeps its configuration (only --device may "
+                            "change): start a new run to change it")
+    out.device = cfg.device
+    return out
+
+
+def refuse_existing_run(run: Path) -> None:
+    """A new run never writes into the folder of an earlier one that got as far as a checkpoint."""
+    if (run / "results.json").exists() or (run / "checkpoint.pt").exists():
+        raise DataError(f"{run} already holds a run; use --resume {run} to continue it, or --run_name / "
+                        "--out_dir for a new one (nothing was overwritten)")
+
+
+def finished_run(run: Path, log: logging.Logger) -> dict:
+    """--resume of a finished run: report its results, train and write nothing."""
+    results = json.loads((run / "results.json").read_text(encoding="utf-8"))
+    log.info(f"{run} is finished (results.json present): nothing to resume; its results:")
+    print(format_results(results))
+    return results
+
+
+def training_pairs(cfg: Config, data, split, log: logging.Logger) -> tuple[np.ndarray, dict]:
+    """The seed split's training pairs, or those of --train_ill_path with a count of how many of them
+    are gold test pairs (a leak of test labels into training, reported loudly)."""
+    if not cfg.train_ill_path:
+        pairs, leak = split.train, {}
+    else:
+        pairs = read_pair_file(cfg.train_ill_path, data)
+        n_gold_test = pair_overlap(pairs, split.test)
+        leak = {"train_ill_path": cfg.train_ill_path, "pairs": len(pairs), "gold_test_pairs": n_gold_test}
+        log.info(kv(train_ill_path=cfg.train_ill_path, pairs=len(pairs), gold_test_pairs=n_gold_test))
+        if n_gold_test:
+            leak["warning"] = (f"{n_gold_test} of the {len(pairs)} training pairs are gold TEST pairs: "
+                               "test labels reach training; numbers are not comparable with a clean split")
+            log.warning("WARNING: " + leak["warning"])
+    if len(pairs) == 0 or len(split.test) == 0:
+        raise DataError(f"--rate {cfg.rate} of {len(data.links)} aligned pairs leaves {len(pairs)} training and "
+                        f"{len(split.test)} test pairs; both must be non-empty")
+    return pairs, leak
+
+
+def build_model(cfg: Config, inputs: ModelInputs, device):
+    """HUMEA, the optional CLUB networks and their two optimisers."""
+    try:
+        model = HUMEA(cfg, inputs).to(device)
+    except ValueError as e:  # e.g. every modality switched off: a bad combination of flags and data
+        raise DataError(str(e)) from None
+    use_club = "club" not in cfg.disabled and "hmoe" not in cfg.disabled and cfg.n_exp > 1
+    club = CLUBDisentanglement(model.modalities, cfg.hidden, cfg.hidden).to(device) if use_club else None
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    q_opt = torch.optim.AdamW(club.parameters(), lr=cfg.q_lr) if club else None
+    return model, club, opt, q_opt
+
+
+def open_run_log(run: Path, early: logging.handlers.BufferingHandler) -> logging.Logger:
+    """Attach the run folder's log.txt (appended to on resume) and write into it the lines logged
+    before the folder existed: the folder is created only once the inputs are known to be good."""
+    records = list(early.buffer)
+    log = get_logger(run / "log.txt")
+    for handler in log.handlers:
+        if isinstance(handler, logging.FileHandler):
+            for record in records:
+                handler.handle(record)
+    return log
+
+
+# The files of a run folder written by utils.atomic_write (through a temporary ".<name>.XXXX" file).
+OUTPUT_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "entity_embeddings.npy", "modality_weights.npy",
+                "expert_gates.npz", "predictions.tsv", "train_ill_final.tsv", "results.json")
+
+
+def remove_partial_writes(run: Path) -> None:
+    """Temporary files of atomic writes cut short by a kill; no reader ever relies on them."""
+    for name in OUTPUT_FILES:
+        for tmp in run.glob(f".{name}.*"):
+            tmp.unlink(missing_ok=True)
+
+
+def add_elapsed(state: dict, tic: float) -> float:
+    """Add the wall time since ``tic`` to the run's seconds; returns the new tic. The seconds travel in
+    the checkpoint, so a resumed run counts the epochs it kept, not the ones lost to the kill."""
+    now = time.perf_counter()
+    state["seconds"] += now - tic
+    return now
+
+
+def numerical_fault(e: FloatingPointError, run: Path, saved_epoch: int | None, cfg: Config) -> FloatingPointError:
+    """The NaN/inf message: which term, which epoch, and what is left on disk."""
+    kept = (f"the last good checkpoint, {run / 'checkpoint.pt'} (epoch {saved_epoch}), is kept" if saved_epoch
+            else f"it stopped before the first checkpoint (--save_every {cfg.save_every})")
+    return FloatingPointError(f"{e}; training stopped and {kept}; results.json was not written")
 
 
 def write_outputs(run: Path, model: HUMEA, inputs: ModelInputs, data, test_pairs: np.ndarray, cfg: Config):
@@ -225,47 +365,34 @@ def summarise(history, cfg: Config, extra: dict) -> dict:
 def main(cfg: Config) -> dict:
     cfg.validate()
     eval_only = getattr(cfg, "eval_only", False)
-    resume_from = Path(cfg.resume) if cfg.resume else None
-    if resume_from is not None:
-        ckpt_path = resume_from / "checkpoint.pt"
-        if not ckpt_path.is_file():
-            raise DataError(f"--resume {resume_from}: no checkpoint.pt in that folder")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        saved = Config(**ckpt["config"])
-        saved.device = cfg.device  # a resumed run keeps its configuration; only the device may change
-        cfg, run = saved, resume_from
+    ckpt = None
+    if cfg.resume:
+        run = Path(cfg.resume)
+        ckpt = load_checkpoint(run)
+        cfg = resumed_config(cfg, ckpt["config"])
+        if (run / "results.json").is_file() and not eval_only:
+            return finished_run(run, get_logger(None))
+    elif eval_only:
+        raise DataError("--eval_only needs --resume <run folder>: the run whose checkpoint to evaluate")
     data_root = dataset_dir(cfg)
-    if resume_from is None:
+    if ckpt is None:
         run = run_folder(cfg, data_root)
-        if (run / "results.json").exists() or (run / "checkpoint.pt").exists():
-            raise DataError(f"{run} already holds a run; use --resume {run} to continue it, or --run_name / "
-                            "--out_dir for a new one (nothing was overwritten)")
-    run.mkdir(parents=True, exist_ok=True)
-    log = get_logger(None if eval_only else run / "log.txt")
+        refuse_existing_run(run)  # before anything is written
+    log = get_logger(None)
+    # Lines logged until the inputs are validated wait here: a run that fails on bad input
+    # creates no folder and touches no file.
+    early = logging.handlers.BufferingHandler(capacity=1 << 30)
+    log.addHandler(early)
     set_seed(cfg.seed)
     device = torch.device(cfg.device)
 
     data = load_dataset(data_root, cfg.disabled, seed=cfg.seed, log=log)
     split = split_links(data.links, cfg.rate, cfg.seed, cfg.val_ratio)
-    leak = {}
-    train_pairs = split.train
-    if cfg.train_ill_path:
-        train_pairs = read_pair_file(cfg.train_ill_path, data)
-        n_gold_test = pair_overlap(train_pairs, split.test)
-        leak = {"train_ill_path": cfg.train_ill_path, "pairs": len(train_pairs), "gold_test_pairs": n_gold_test}
-        log.info(kv(train_ill_path=cfg.train_ill_path, pairs=len(train_pairs), gold_test_pairs=n_gold_test))
-        if n_gold_test:
-            leak["warning"] = (f"{n_gold_test} of the {len(train_pairs)} training pairs are gold TEST pairs: "
-                               "test labels reach training; numbers are not comparable with a clean split")
-            log.warning("WARNING: " + leak["warning"])
+    train_pairs, leak = training_pairs(cfg, data, split, log)
     log.info(kv(train=len(train_pairs), valid=len(split.valid), test=len(split.test), rate=cfg.rate))
 
     inputs = ModelInputs.from_data(data, device)
-    model = HUMEA(cfg, inputs).to(device)
-    use_club = "club" not in cfg.disabled and "hmoe" not in cfg.disabled and cfg.n_exp > 1
-    club = CLUBDisentanglement(model.modalities, cfg.hidden, cfg.hidden).to(device) if use_club else None
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    q_opt = torch.optim.AdamW(club.parameters(), lr=cfg.q_lr) if club else None
+    model, club, opt, q_opt = build_model(cfg, inputs, device)
     gen = torch.Generator().manual_seed(cfg.seed)
     log.info(kv(modalities=",".join(model.modalities), disabled=",".join(sorted(cfg.disabled)) or "none",
                 params=sum(p.numel() for p in model.parameters()), edges=inputs.graph.num_edges, device=device))
@@ -273,55 +400,49 @@ def main(cfg: Config) -> dict:
     state = {"history": [], "pseudo_pairs": np.zeros((0, 2), dtype=np.int64), "config": config_dict(cfg),
              "seconds": 0.0}
     start = 0
-    if resume_from is not None:
-        model.load_state_dict(ckpt["model"])
-        if club:
-            club.load_state_dict(ckpt["club"])
-            q_opt.load_state_dict(ckpt["q_opt"])
-        opt.load_state_dict(ckpt["opt"])
-        gen.set_state(ckpt["gen"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        np.random.set_state(ckpt["numpy_rng"])
-        random.setstate(ckpt["python_rng"])
+    if ckpt is not None:
+        restore(ckpt, model, club, opt, q_opt, gen)
         start = ckpt["epoch"]
         state.update(history=ckpt["history"], pseudo_pairs=ckpt["pseudo_pairs"], seconds=ckpt["seconds"])
-        log.info(kv(resumed_from=str(resume_from), epoch=start))
+        log.info(kv(resumed_from=str(run), epoch=start, pseudo_pairs=len(state["pseudo_pairs"])))
     if eval_only:
         res = evaluate(model, inputs, split.test, cfg)
-        print(format_table({"test (checkpoint)": res}))
+        print(format_table({f"test (checkpoint, epoch {start})": res}))
         return res
 
+    run.mkdir(parents=True, exist_ok=True)
+    log.removeHandler(early)
+    log = open_run_log(run, early)
+    remove_partial_writes(run)
     atomic_write_json(run / "config.json", config_dict(cfg))
     # metrics.jsonl is rewritten from the checkpoint's history, dropping lines written after it.
     atomic_write(run / "metrics.jsonl", lambda f: f.writelines(json.dumps(h) + "\n" for h in state["history"]))
     il_start = cfg.il_start if cfg.il_start >= 0 else cfg.epochs
     last_h1 = state["history"][-1]["test"]["avg"]["hits@1"] if state["history"] else float("nan")
-    bar = tqdm(range(start, cfg.total_epochs), initial=start, total=cfg.total_epochs, desc="train",
+    saved_epoch = start or None
+    bar = tqdm(range(start + 1, cfg.total_epochs + 1), initial=start, total=cfg.total_epochs, desc="train",
                dynamic_ncols=True, disable=None)
-    epoch = start
-    ckpt_state = lambda: snapshot(model, club, opt, q_opt, gen, epoch, state)
     tic = time.perf_counter()
-    for epoch in bar:
+    for epoch in bar:  # epoch = 1, 2, ...: the number of this epoch, and of epochs done at its end
         current = np.concatenate([train_pairs, state["pseudo_pairs"]])
         try:
             terms = train_epoch(model, club, inputs, current, cfg, gen, opt, q_opt, epoch)
         except FloatingPointError as e:
-            log.error(f"stopping: {e}; the last good checkpoint is {run / 'checkpoint.pt'}")
-            raise
-        done = epoch + 1
-        if cfg.il and done > il_start and (done - il_start) % cfg.il_step == 0:
+            fault = numerical_fault(e, run, saved_epoch, cfg)
+            log.error(f"stopping: {fault}")
+            raise fault from None
+        if cfg.il and epoch > il_start and (epoch - il_start) % cfg.il_step == 0:
             new = pseudo_label_step(model, inputs, data, current, cfg)
             state["pseudo_pairs"] = np.concatenate([state["pseudo_pairs"], new])
             correct = pair_overlap(new, data.links)
-            log.info(kv(epoch=done, pseudo_new=len(new), pseudo_total=len(state["pseudo_pairs"]),
+            log.info(kv(epoch=epoch, pseudo_new=len(new), pseudo_total=len(state["pseudo_pairs"]),
                         pseudo_new_precision=correct / max(len(new), 1)))
-        if done % cfg.check_point == 0 or done == cfg.total_epochs:
-            record = {"epoch": done, **{k: round(v, 6) for k, v in terms.items()}}
+        if epoch % cfg.check_point == 0 or epoch == cfg.total_epochs:
+            record = {"epoch": epoch, **{k: round(v, 6) for k, v in terms.items()}}
             record["test"] = evaluate(model, inputs, split.test, cfg)
             if len(split.valid):
                 record["valid"] = evaluate(model, inputs, split.valid, cfg)
-            state["seconds"] += time.perf_counter() - tic
-            tic = time.perf_counter()
+            tic = add_elapsed(state, tic)
             record["seconds"] = round(state["seconds"], 2)
             state["history"].append(record)
             with open(run / "metrics.jsonl", "a") as f:
@@ -329,15 +450,16 @@ def main(cfg: Config) -> dict:
             t = record["test"]["avg"]
             last_h1 = t["hits@1"]
             valid = {"valid_mrr": record["valid"]["avg"]["mrr"]} if "valid" in record else {}
-            log.info(kv(epoch=done, loss=terms["loss"], test_hits1=t["hits@1"], test_hits10=t["hits@10"],
+            log.info(kv(epoch=epoch, loss=terms["loss"], test_hits1=t["hits@1"], test_hits10=t["hits@10"],
                         test_mrr=t["mrr"], **valid))
         bar.set_postfix(loss=f"{terms['loss']:.3f}", hits1=f"{last_h1:.3f}")
-        if cfg.save_every and done % cfg.save_every == 0:
-            epoch = done
-            atomic_torch_save(run / "checkpoint.pt", ckpt_state())
+        if cfg.save_every and epoch % cfg.save_every == 0 and epoch < cfg.total_epochs:
+            tic = add_elapsed(state, tic)
+            atomic_torch_save(run / "checkpoint.pt", snapshot(model, club, opt, q_opt, gen, epoch, state))
+            saved_epoch = epoch
     bar.close()
-    epoch = cfg.total_epochs
-    atomic_torch_save(run / "checkpoint.pt", ckpt_state())
+    add_elapsed(state, tic)
+    atomic_torch_save(run / "checkpoint.pt", snapshot(model, club, opt, q_opt, gen, cfg.total_epochs, state))
     final = write_outputs(run, model, inputs, data, split.test, cfg)
     if cfg.il:
         write_pair_file(run / "train_ill_final.tsv", np.concatenate([train_pairs, state["pseudo_pairs"]]))

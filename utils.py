@@ -107,16 +107,42 @@ class Config:
             raise DataError(f"--rate must be in (0, 1), got {self.rate}")
         if not 0.0 <= self.val_ratio < 1.0:
             raise DataError(f"--val_ratio must be in [0, 1), got {self.val_ratio}")
-        dims = [int(d) for d in self.hidden_units.split(",")]
+        dims = _positive_ints("hidden_units", self.hidden_units)
         if len(set(dims)) != 1 or len(dims) < 2:
             raise DataError("--hidden_units must be equal sizes 'D,D,...' (diagonal GAT weight), "
                             f"got {self.hidden_units}")
-        if len(self.heads.split(",")) != len(dims) - 1:
-            raise DataError(f"--heads needs one entry per GAT layer ({len(dims) - 1}), got {self.heads}")
-        for name in ("epochs", "check_point", "n_exp", "bsize", "club_bsize", "csls_k", "il_step"):
+        heads = _positive_ints("heads", self.heads)
+        if len(heads) != len(dims) - 1 or len(set(heads)) != 1:
+            raise DataError(f"--heads needs one equal entry per GAT layer ({len(dims) - 1}), got {self.heads}")
+        for name in ("epochs", "check_point", "n_exp", "bsize", "club_bsize", "csls_k", "il_step", "eval_chunk"):
             if getattr(self, name) < 1:
                 raise DataError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("save_every", "il_epochs", "fusion_weight_dim"):
+            if getattr(self, name) < 0:
+                raise DataError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "q_lr", "tau_cl", "tau_al"):
+            if not 0.0 < getattr(self, name) < math.inf:
+                raise DataError(f"--{name} must be a positive number, got {getattr(self, name)}")
+        for name in ("dropout", "attn_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise DataError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError as e:
+            raise DataError(f"--device: {e}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise DataError(f"--device {self.device}: CUDA is not available on this machine (use --device cpu)")
         parse_without(self.without)
+
+
+def _positive_ints(flag: str, text: str) -> list[int]:
+    try:
+        values = [int(t) for t in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise DataError(f"--{flag} must be comma-separated positive integers, got '{text}'")
+    return values
 
 
 def parse_without(text: str) -> list[str]:
@@ -181,6 +207,9 @@ def kv(**items) -> str:
 def atomic_write(path: Path, write_fn, mode: str = "w") -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; results should read like any other file
     try:
         with os.fdopen(fd, mode) as f:
             write_fn(f)
@@ -404,7 +433,15 @@ def _read_feature_pickle(path: Path, n: int, rng: np.random.Generator):
             raise DataError(f"{path}: key {key!r} is not an integer entity id") from None
         if not 0 <= i < n:
             raise DataError(f"{path}: key {i} is out of range (entity ids are 0..{n - 1})")
-        v = np.asarray(vec, dtype=np.float32).reshape(-1)
+        try:
+            v = np.asarray(vec, dtype=np.float32).reshape(-1)
+        except (TypeError, ValueError):
+            raise DataError(f"{path}: the value of entity {i} is not a numeric vector "
+                            f"({type(vec).__name__})") from None
+        if v.size == 0 or not np.isfinite(v).all():
+            raise DataError(f"{path}: the vector of entity {i} is empty or holds NaN/inf values")
+        if present[i]:
+            raise DataError(f"{path}: entity {i} appears under two keys (e.g. {i} and '{i}')")
         if dim is None:
             dim = v.size
             mat = np.empty((n, dim), dtype=np.float32)

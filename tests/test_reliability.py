@@ -1,0 +1,203 @@
+"""Reliability of train.py: a killed run resumes to the same numbers, runs are deterministic,
+NaN/inf losses stop cleanly, finished runs are never redone, and --train_ill_path leaks are reported.
+
+All runs are on CPU with one intra-op thread (conftest sets it in-process; the subprocesses get
+OMP_NUM_THREADS=1), on the tiny synthetic pair, a few seconds each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from test_cli import tree_state
+
+import train
+from utils import load_dataset, split_links
+
+ROOT = Path(__file__).resolve().parents[1]
+# One thread everywhere: the in-process reference and the subprocesses then run the same kernels
+# with the same reduction order, which is what makes bit-identical results possible.
+THREADS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+SMALL = ["--hidden_units", "16,16,16", "--heads", "2,2", "--n_exp", "2", "--bsize", "16", "--club_bsize", "16",
+         "--device", "cpu", "--eval_chunk", "64", "--check_point", "5"]
+# 30 epochs + 20 of iterative training; pseudo pairs are added at epochs 15, 20, 25, ... so the
+# checkpoint the run is killed after already holds some.
+IL_RUN = ["--epochs", "30", "--il", "--il_start", "10", "--il_step", "5", "--il_epochs", "20", "--save_every", "2"]
+KILL_AFTER = 20  # kill once a checkpoint of at least this epoch exists (of 50)
+
+
+def _args(data: Path, out: Path, name: str, *extra: str) -> list[str]:
+    return ["--file_dir", str(data), "--out_dir", str(out), "--run_name", name, *SMALL, *extra]
+
+
+def _metrics(run: Path) -> list[dict]:
+    """metrics.jsonl without the wall-clock seconds, which no two runs share."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+def _results(run: Path) -> dict:
+    res = json.loads((run / "results.json").read_text())
+    return {k: res[k] for k in ("last_epoch", "best_test_epoch", "pairs")}
+
+
+def _checkpoint_epoch(path: Path) -> int | None:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)["epoch"]
+    except (FileNotFoundError, EOFError, RuntimeError, pickle.UnpicklingError):
+        return None
+
+
+def test_killed_run_resumes_to_the_same_final_metrics(tiny_synthetic, tmp_path, capsys):
+    """SIGKILL a subprocess run after its epoch-20 checkpoint, resume it, compare with an
+    uninterrupted run of the same seed.
+
+    Tolerance: none (exact equality). The checkpoint restores the parameters, both AdamW states,
+    the training generator, the torch/numpy/python RNG states, the epoch and the pseudo pairs, so the
+    resumed run performs the same float operations in the same order as the uninterrupted one; with
+    one thread on CPU that is bit for bit. (A different thread count or a GPU would change reduction
+    orders and call for ~1e-6 on the metrics instead.)"""
+    out = tmp_path / "runs"
+    assert train.cli(_args(tiny_synthetic, out, "reference", *IL_RUN)) == 0
+    reference = out / "reference"
+
+    run = out / "killed"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *_args(tiny_synthetic, out, "killed", *IL_RUN)],
+                            cwd=ROOT, env=THREADS_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 180
+    killed_at = None
+    while proc.poll() is None and time.monotonic() < deadline:
+        epoch = _checkpoint_epoch(run / "checkpoint.pt")
+        if epoch is not None and epoch >= KILL_AFTER:
+            proc.send_signal(signal.SIGKILL)
+            killed_at = epoch
+            break
+        time.sleep(0.01)
+    proc.wait(timeout=60)
+    assert killed_at is not None, f"the run ended (rc={proc.returncode}) before it could be killed: " \
+                                  f"{proc.stderr.read().decode()[-2000:]}"
+    proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (run / "results.json").exists()  # killed part-way: unfinished
+    saved = _checkpoint_epoch(run / "checkpoint.pt")
+    assert KILL_AFTER <= saved < 50
+    assert len(torch.load(run / "checkpoint.pt", weights_only=False)["pseudo_pairs"]) > 0
+
+    leftover = run / ".checkpoint.pt.x1y2z3"  # what a kill during an atomic write leaves behind
+    leftover.write_bytes(b"partial")
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "--resume", str(run)], cwd=ROOT,
+                          env=THREADS_ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resumed_from={run} epoch={saved}" in (run / "log.txt").read_text()
+    assert not leftover.exists()
+
+    assert _metrics(run) == _metrics(reference)  # every evaluation, before and after the kill
+    assert _results(run) == _results(reference)
+    for name in ("train_ill_final.tsv", "predictions.tsv"):
+        assert (run / name).read_text() == (reference / name).read_text(), name
+    np.testing.assert_array_equal(np.load(run / "entity_embeddings.npy"), np.load(reference / "entity_embeddings.npy"))
+    seconds = [json.loads(line)["seconds"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert seconds == sorted(seconds) and seconds[0] > 0  # the checkpoint carried the time so far
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["epoch"] == 50
+
+    # Resuming the finished run redoes nothing and touches no file; it reports the results.
+    before = tree_state(run)
+    capsys.readouterr()
+    assert train.cli(["--resume", str(run)]) == 0
+    assert "last epoch (50)" in capsys.readouterr().out
+    assert tree_state(run) == before
+
+
+def test_same_seed_gives_identical_runs(tiny_synthetic, tmp_path):
+    out = tmp_path / "runs"
+    for name in ("a", "b"):
+        assert train.cli(_args(tiny_synthetic, out, name, "--epochs", "15", "--save_every", "0")) == 0
+    assert _metrics(out / "a") == _metrics(out / "b")
+    assert _results(out / "a") == _results(out / "b")
+    emb = [np.load(out / name / "entity_embeddings.npy") for name in ("a", "b")]
+    np.testing.assert_array_equal(emb[0], emb[1])
+    # results.json is the last output written (its presence marks a finished run).
+    others = [(out / "a" / f).stat().st_mtime_ns for f in train.OUTPUT_FILES if (out / "a" / f).exists()]
+    assert max(others) == (out / "a" / "results.json").stat().st_mtime_ns
+    # ... and another seed gives another run (the comparison above is not vacuous).
+    assert train.cli(_args(tiny_synthetic, out, "c", "--epochs", "15", "--save_every", "0", "--seed", "7")) == 0
+    assert _metrics(out / "c") != _metrics(out / "a")
+
+
+def _assert_clean_stop(run: Path, err: str, term: str, epoch: int, kept_epoch: int):
+    assert f"loss term '{term}'" in err and f"at epoch {epoch}" in err, err
+    assert f"last good checkpoint, {run / 'checkpoint.pt'} (epoch {kept_epoch})" in err, err
+    assert "Traceback" not in err
+    assert not (run / "results.json").exists()
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)  # intact and loadable
+    assert ckpt["epoch"] == kept_epoch
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert f"loss term '{term}'" in (run / "log.txt").read_text()
+
+
+def test_nan_loss_term_stops_with_its_name_and_epoch(tiny_synthetic, tmp_path, monkeypatch, capsys):
+    """A distillation loss that turns NaN at epoch 5: exit code 3, a message naming the term and
+    the epoch, the epoch-4 checkpoint intact; the run then resumes from it once the fault is gone."""
+    real_epoch, real_distill = train.train_epoch, train.unimodal_distillation_loss
+    now = {}
+
+    def spy_epoch(*args):
+        now["epoch"] = args[-1]
+        return real_epoch(*args)
+
+    def faulty_distill(*args):
+        value = real_distill(*args)
+        return value * float("nan") if now["epoch"] >= 5 else value
+
+    monkeypatch.setattr(train, "train_epoch", spy_epoch)
+    monkeypatch.setattr(train, "unimodal_distillation_loss", faulty_distill)
+    out = tmp_path / "runs"
+    rc = train.cli(_args(tiny_synthetic, out, "nan", "--epochs", "10", "--save_every", "2"))
+    assert rc == 3
+    run = out / "nan"
+    _assert_clean_stop(run, capsys.readouterr().err, "distill", 5, 4)
+
+    monkeypatch.setattr(train, "unimodal_distillation_loss", real_distill)
+    assert train.cli(["--resume", str(run)]) == 0
+    assert json.loads((run / "results.json").read_text())["last_epoch"]["epoch"] == 10
+
+
+def test_diverging_learning_rate_stops_cleanly(tiny_synthetic, tmp_path, capsys):
+    """A real divergence (--lr 1e30): the parameters blow up after the first step and the second
+    epoch's loss is not finite."""
+    out = tmp_path / "runs"
+    assert train.cli(_args(tiny_synthetic, out, "lr", "--epochs", "10", "--save_every", "1", "--lr", "1e30")) == 3
+    _assert_clean_stop(out / "lr", capsys.readouterr().err, "fused_cl", 2, 1)
+
+
+def test_train_ill_path_of_gold_test_pairs_is_reported_loudly(tiny_synthetic, tmp_path):
+    data = load_dataset(tiny_synthetic, seed=42)
+    split = split_links(data.links, 0.2, seed=42)
+    out = tmp_path / "runs"
+    leaky = tmp_path / "leaky.tsv"
+    leaky.write_text("".join(f"{a}\t{b}\n" for a, b in np.concatenate([split.train, split.test[:5]])))
+    clean = tmp_path / "clean.tsv"
+    clean.write_text("".join(f"{a}\t{b}\n" for a, b in split.train))
+    short = ["--epochs", "2", "--save_every", "0", "--rate", "0.2", "--seed", "42"]
+    assert train.cli(_args(tiny_synthetic, out, "leaky", *short, "--train_ill_path", str(leaky))) == 0
+    assert train.cli(_args(tiny_synthetic, out, "clean", *short, "--train_ill_path", str(clean))) == 0
+
+    n = len(split.train) + 5
+    info = json.loads((out / "leaky" / "results.json").read_text())["train_ill"]
+    assert info["pairs"] == n and info["gold_test_pairs"] == 5
+    assert info["warning"].startswith(f"5 of the {n} training pairs are gold TEST pairs")
+    log = (out / "leaky" / "log.txt").read_text()
+    assert "gold_test_pairs=5" in log and f"WARNING: 5 of the {n} training pairs are gold TEST pairs" in log
+
+    info = json.loads((out / "clean" / "results.json").read_text())["train_ill"]
+    assert info["gold_test_pairs"] == 0 and "warning" not in info
+    assert "WARNING" not in (out / "clean" / "log.txt").read_text()
