@@ -1,0 +1,765 @@
+"""Turn run folders into the results page: Table 1, Table 2, iterative training, Figure 3 and 4.
+
+    python -m data_process.report --runs runs --out docs/results.md --figures docs/figures
+
+Which run fills which cell comes from run_all.sh's RUN_TABLE (parsed by :func:`load_run_list`);
+every number of ours is read from ``<runs>/<name>/results.json`` and its neighbours, the paper's
+numbers are the constants below. A run without results.json shows as "missing", never as a zero.
+Each cell of ours comes in three selections: the last epoch, the best validation epoch (only
+when the run had a validation split) and the best TEST epoch, which is the rule behind the
+paper's Table 1 and is labelled as such. A run that departs from the paper's protocol (another
+dataset, fewer epochs) is labelled a smoke run, and the page says so at the top.
+
+matplotlib is optional (``pip install -e ".[plot]"``): without it the tables are written and the
+page says that the figures were skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import shlex
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_ALL = ROOT / "run_all.sh"
+
+TABLES = ("table1", "table2", "il", "fig3")
+METRICS = ("hits@1", "hits@5", "hits@10", "mrr")
+METRIC_LABELS = ("H@1", "H@5", "H@10", "MRR")
+DATASETS = ("FB15K_DB15K", "FB15K_YAGO15K")
+DATASET_LABEL = {"FB15K_DB15K": "FB15K-DB15K", "FB15K_YAGO15K": "FB15K-YAGO15K"}
+RATES = (0.2, 0.5, 0.8)
+# The paper's protocol: a run that departs from it is a smoke run, not a paper number.
+PAPER_EPOCHS, PAPER_IL_EPOCHS, PAPER_CHECK_POINT = 1000, 500, 10
+
+# Paper, Table 1 ("Ours"): Hits@1, Hits@5, Hits@10, MRR; best test epoch (notes: official logs).
+PAPER_TABLE1 = {
+    ("FB15K_DB15K", 0.2): (0.5118, 0.6997, 0.7643, 0.5980),
+    ("FB15K_DB15K", 0.5): (0.6949, 0.8434, 0.8803, 0.7630),
+    ("FB15K_DB15K", 0.8): (0.8094, 0.9146, 0.9353, 0.8560),
+    ("FB15K_YAGO15K", 0.2): (0.4393, 0.6278, 0.6989, 0.5280),
+    ("FB15K_YAGO15K", 0.5): (0.6491, 0.8032, 0.8474, 0.7200),
+    ("FB15K_YAGO15K", 0.8): (0.7737, 0.8904, 0.9196, 0.8270),
+}
+# The official logs (reproduction notes): last epoch of the same runs, and the iterative runs
+# at their best test epoch (the paper prints no iterative numbers). No Hits@5 in the notes.
+OFFICIAL_LAST = {
+    ("FB15K_DB15K", 0.2): (0.473, None, 0.730, 0.561),
+    ("FB15K_DB15K", 0.5): (0.692, None, 0.872, 0.757),
+    ("FB15K_DB15K", 0.8): (0.808, None, 0.934, 0.855),
+    ("FB15K_YAGO15K", 0.2): (0.428, None, 0.681, 0.515),
+    ("FB15K_YAGO15K", 0.5): (0.647, None, 0.840, 0.717),
+    ("FB15K_YAGO15K", 0.8): (0.738, None, 0.885, 0.791),
+}
+OFFICIAL_IL = {
+    ("FB15K_DB15K", 0.2): (0.679, None, 0.854, 0.741),
+    ("FB15K_DB15K", 0.5): (0.740, None, 0.894, 0.796),
+    ("FB15K_DB15K", 0.8): (0.836, None, 0.940, 0.875),
+    ("FB15K_YAGO15K", 0.2): (0.606, None, 0.794, 0.671),
+    ("FB15K_YAGO15K", 0.5): (0.698, None, 0.861, 0.755),
+    ("FB15K_YAGO15K", 0.8): (0.779, None, 0.912, 0.828),
+}
+# Paper, Table 2 (FB15K-DB15K 20%): Hits@1, Hits@5, Hits@10, MRR.
+PAPER_TABLE2 = {
+    "Ours": (0.5118, 0.6997, 0.7643, 0.5980),
+    "w/o g": (0.4131, 0.5090, 0.5643, 0.4640),
+    "w/o v": (0.4803, 0.6747, 0.7391, 0.5680),
+    "w/o r_b": (0.4736, 0.6560, 0.7191, 0.5560),
+    "w/o r_t": (0.4841, 0.6748, 0.7362, 0.5690),
+    "w/o a_b": (0.4731, 0.6646, 0.7291, 0.5590),
+    "w/o a_t": (0.4844, 0.6750, 0.7383, 0.5690),
+    "w/o L_m^CL": (0.4840, 0.6722, 0.7346, 0.5680),
+    "w/o L_m^AL": (0.4864, 0.6753, 0.7389, 0.5710),
+    "w/o L_CLUB": (0.5033, 0.6892, 0.7576, 0.5918),
+    "w/o HMoE": (0.4778, 0.6680, 0.7304, 0.5620),
+}
+# Table 2's "Ours", Figure 3's default point and Figure 4 are all this run (run_all.sh says so).
+BASE_RUN = "t1_db_20"
+# Figure 3: the swept flags, with the paper's symbols.
+FIG3_PARAMS = {"cl_loss": "λ1 (cl_loss)", "al_loss": "λ2 (al_loss)", "tau_cl": "τ_cl (tau_cl)",
+               "tau_al": "τ_al (tau_al)", "n_exp": "k (n_exp)"}
+# The values of BASE_RUN (run.sh's official ones), used for a default point whose run is missing.
+FIG3_DEFAULTS = {"cl_loss": 1.0, "al_loss": 0.1, "tau_cl": 0.1, "tau_al": 4.0, "n_exp": 5}
+SELECTIONS = (("last_epoch", "ours, last epoch"),
+              ("best_valid_epoch", "ours, best valid epoch"),
+              ("best_test_epoch", "ours, best TEST epoch*"))
+TEST_RULE_NOTE = ("\\* best TEST epoch: the evaluation with the highest test MRR, the selection rule behind "
+                  "the paper's Table 1 and the official logs. It is chosen on the test set, so it is optimistic; "
+                  "it is shown only to compare with the paper. The last epoch (and the best validation epoch, "
+                  "when a run holds out `--val_ratio` of its seeds) are the honest numbers.")
+
+
+# ---------------------------------------------------------------------------------------------
+# The run list: run_all.sh's RUN_TABLE.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One line of RUN_TABLE: name | table | row | paper Hits@1 | run.sh arguments."""
+
+    name: str
+    table: str
+    row: str
+    expected: str
+    args: tuple[str, ...]
+
+    @property
+    def positional(self) -> tuple[str, ...]:
+        out = []
+        for a in self.args:
+            if a.startswith("--"):
+                break
+            out.append(a)
+        return tuple(out)
+
+    @property
+    def flags(self) -> tuple[str, ...]:
+        return self.args[len(self.positional):]
+
+    @property
+    def dataset(self) -> str:
+        return self.positional[1]
+
+    @property
+    def rate(self) -> float:
+        return float(self.positional[2])
+
+    @property
+    def without(self) -> str:
+        return self.positional[4]
+
+    @property
+    def expected_hits1(self) -> float | None:
+        try:
+            return float(self.expected)
+        except ValueError:
+            return None
+
+    def fig3_point(self) -> tuple[str, float]:
+        """'al_loss=0.05' -> ('al_loss', 0.05)."""
+        param, _, value = self.row.partition("=")
+        return param.strip(), float(value)
+
+
+def load_run_list(path: Path = RUN_ALL) -> list[RunSpec]:
+    """Parse the here-document RUN_TABLE of run_all.sh (the same parse the script does)."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    try:
+        start = next(i for i, l in enumerate(lines) if "<<'RUN_TABLE'" in l) + 1
+        end = next(i for i in range(start, len(lines)) if lines[i].strip() == "RUN_TABLE")
+    except StopIteration:
+        raise ValueError(f"{path}: no RUN_TABLE here-document (<<'RUN_TABLE' ... RUN_TABLE)") from None
+    specs = []
+    for lineno in range(start, end):
+        line = lines[lineno].strip()
+        if not line or line.startswith("#"):
+            continue
+        cols = [c.strip() for c in line.split("|")]
+        if len(cols) != 5 or not all(cols):
+            raise ValueError(f"{path} line {lineno + 1}: expected 5 non-empty '|' columns "
+                             f"(name | table | row | paper Hits@1 | run.sh arguments), got: {line}")
+        name, table, row, expected, args = cols
+        specs.append(RunSpec(name, table, row, expected, tuple(args.split())))
+    return specs
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading run folders.
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass
+class Run:
+    spec: RunSpec
+    folder: Path
+    config: dict | None
+    results: dict | None
+    command: str | None
+
+    @classmethod
+    def load(cls, spec: RunSpec, runs_dir: Path) -> Run:
+        folder = Path(runs_dir) / spec.name
+        results = _read_json(folder / "results.json")
+        config = (results or {}).get("config") or _read_json(folder / "config.json")
+        cmd_file = folder / "command.txt"
+        command = cmd_file.read_text(encoding="utf-8").strip() if cmd_file.is_file() else None
+        return cls(spec, folder, config, results, command)
+
+    @property
+    def finished(self) -> bool:
+        return self.results is not None
+
+    def selection(self, key: str) -> dict | None:
+        """{'epoch': e, 'avg': {...}} of a selection (last_epoch, best_valid_epoch, best_test_epoch)."""
+        sel = (self.results or {}).get(key)
+        if not sel or "test" not in sel:
+            return None
+        return {"epoch": sel.get("epoch"), "avg": sel["test"]["avg"]}
+
+    @property
+    def dataset_name(self) -> str:
+        if not self.config:
+            return "?"
+        return Path(self.config["file_dir"]).name if self.config.get("file_dir") else "embedded default"
+
+    @property
+    def status(self) -> str:
+        if self.finished:
+            return "finished"
+        if not self.folder.is_dir():
+            return "missing"
+        done = [json.loads(l) for l in _lines(self.folder / "metrics.jsonl")]
+        total = self.total_epochs
+        at = f" at epoch {done[-1]['epoch']} of {total}" if done and total else ""
+        return f"missing (unfinished{at})"
+
+    @property
+    def total_epochs(self) -> int | None:
+        if not self.config:
+            return None
+        return self.config["epochs"] + (self.config.get("il_epochs", 0) if self.config.get("il") else 0)
+
+    def smoke_reasons(self) -> list[str]:
+        """How this run departs from the paper's protocol (empty: a paper-protocol run)."""
+        if not self.config:
+            return []
+        c, why = self.config, []
+        if self.dataset_name != self.spec.dataset:
+            why.append(f"dataset {self.dataset_name} (the line's {self.spec.dataset})")
+        if c["epochs"] != PAPER_EPOCHS:
+            why.append(f"epochs {c['epochs']} (paper {PAPER_EPOCHS})")
+        if c.get("il") and c.get("il_epochs") != PAPER_IL_EPOCHS:
+            why.append(f"il_epochs {c.get('il_epochs')} (paper {PAPER_IL_EPOCHS})")
+        if c.get("check_point") != PAPER_CHECK_POINT:
+            why.append(f"check_point {c.get('check_point')} (paper {PAPER_CHECK_POINT})")
+        return why
+
+    def command_line(self) -> str:
+        """The command run_all.sh recorded, else an equivalent train.py command from config.json."""
+        if self.command:
+            return self.command
+        if not self.config:
+            return f"(not run) {' '.join(['bash', 'run.sh', *self.spec.args])}"
+        return "python train.py " + " ".join(_non_default_flags(self.config))
+
+
+def _lines(path: Path) -> list[str]:
+    try:
+        return [l for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
+    except OSError:
+        return []
+
+
+def _non_default_flags(config: dict) -> list[str]:
+    try:
+        import dataclasses
+
+        from utils import Config
+        defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    except Exception:  # utils needs torch; without it every flag is listed
+        defaults = {}
+    out = []
+    for key, value in config.items():
+        if key in ("device",) or (key in defaults and defaults[key] == value):
+            continue
+        if isinstance(value, bool):
+            out.append(f"--{key}" if value else f"--no-{key}")
+        else:
+            out.append(f"--{key} {shlex.quote(str(value))}")
+    return out
+
+
+def pseudo_label_stats(run: Run) -> tuple[int, int] | None:
+    """(pseudo pairs added, of which correct) from log.txt's pseudo-label lines; the gold links
+    were read by train.py only to log this precision, never to choose pairs."""
+    total = correct = 0
+    seen = False
+    for line in _lines(run.folder / "log.txt"):
+        m_new = re.search(r"\bpseudo_new=(\d+)", line)
+        m_prec = re.search(r"\bpseudo_new_precision=([0-9.]+)", line)
+        if m_new and m_prec:
+            seen = True
+            n = int(m_new.group(1))
+            total += n
+            correct += round(n * float(m_prec.group(1)))
+    return (total, correct) if seen else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown.
+# ---------------------------------------------------------------------------------------------
+
+
+def _num(x) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.4f}" if isinstance(x, float) and x < 1.0001 else f"{x:g}"
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out
+
+
+def _ours_cells(run: Run | None, key: str, metrics=METRICS) -> list[str] | None:
+    """Metric cells and the epoch of one selection; None when the run has no such selection."""
+    if run is None or not run.finished:
+        return ["missing"] * (len(metrics) + 1)
+    sel = run.selection(key)
+    if sel is None:
+        return None
+    mark = " †" if run.smoke_reasons() else ""
+    return [_num(sel["avg"][m]) + mark for m in metrics] + [str(sel["epoch"])]
+
+
+def _reference_cells(values, metrics=METRICS) -> list[str]:
+    if values is None:
+        return ["-"] * (len(metrics) + 1)
+    return [_num(v) for v in values] + ["-"]
+
+
+def _selections(show_valid: bool):
+    return [(k, label) for k, label in SELECTIONS if show_valid or k != "best_valid_epoch"]
+
+
+def _selection_cells(run: Run | None, key: str, metrics=METRICS) -> list[str]:
+    c = _ours_cells(run, key, metrics)
+    return c if c is not None else ["no valid split"] + ["-"] * len(metrics)
+
+
+def _grid_table(runs: dict, references: list[tuple[str, dict]], show_valid: bool) -> list[str]:
+    """Table 1 layout: a block of rows per seed ratio, a column group per dataset."""
+    header = ["Seeds", "Result"]
+    for d in DATASETS:
+        header += [f"{DATASET_LABEL[d]} {m}" for m in METRIC_LABELS] + [f"{DATASET_LABEL[d]} epoch"]
+    rows = []
+    for rate in RATES:
+        block = []
+        for label, ref in references:
+            cells = []
+            for d in DATASETS:
+                cells += _reference_cells(ref.get((d, rate)))
+            block.append([label, *cells])
+        for key, label in _selections(show_valid):
+            cells = []
+            for d in DATASETS:
+                cells += _selection_cells(runs.get((d, rate)), key)
+            block.append([label, *cells])
+        for i, r in enumerate(block):
+            rows.append([f"{int(rate * 100)}%" if i == 0 else "", *r])
+    return _md_table(header, rows)
+
+
+def _run_names_line(runs: dict) -> str:
+    return "Runs: " + ", ".join(f"{DATASET_LABEL[d]} {int(r * 100)}% = `{run.spec.name}`"
+                                for (d, r), run in sorted(runs.items(), key=lambda kv: (kv[0][0], kv[0][1])))
+
+
+def table1_section(runs: list[Run], show_valid: bool) -> list[str]:
+    cells = {(r.spec.dataset, r.spec.rate): r for r in runs if r.spec.table == "table1"}
+    out = ["## Table 1: non-iterative results", "",
+           "The paper's Table 1 (best test epoch, the paper's rule) and the official logs' last epoch of "
+           "the same runs, beside ours.", ""]
+    out += _grid_table(cells, [("paper (best test epoch)", PAPER_TABLE1),
+                               ("official log, last epoch", OFFICIAL_LAST)], show_valid)
+    out += ["", _run_names_line(cells), ""]
+    return out
+
+
+def table2_section(runs: list[Run], by_name: dict[str, Run], show_valid: bool) -> list[str]:
+    variants = [("Ours", by_name.get(BASE_RUN))]
+    variants += [(r.spec.row, r) for r in runs if r.spec.table == "table2"]
+    header = ["Method", "Result", *METRIC_LABELS, "epoch", "run"]
+    rows = []
+    for label, run in variants:
+        block = [["paper", *_reference_cells(PAPER_TABLE2.get(label))]]
+        for key, sel_label in _selections(show_valid):
+            block.append([sel_label, *_selection_cells(run, key)])
+        for i, r in enumerate(block):
+            rows.append([label if i == 0 else "", *r, f"`{run.spec.name}`" if (i == 0 and run) else ""])
+    return ["## Table 2: ablations on FB15K-DB15K 20%", "",
+            "`w/o` switches off one modality (g graph, v image, r_b / r_t relation bag-of-words / text, "
+            "a_b / a_t attribute bag-of-words / text) or one component (L_m^CL unimodal contrastive losses, "
+            "L_m^AL distillation, L_CLUB, HMoE = the hierarchical mixture of experts).", "",
+            *_md_table(header, rows), ""]
+
+
+def iterative_section(runs: list[Run], show_valid: bool) -> list[str]:
+    cells = {(r.spec.dataset, r.spec.rate): r for r in runs if r.spec.table == "il"}
+    out = ["## Iterative training (`--il`, +500 epochs of mutual-nearest-neighbour pseudo pairs)", "",
+           "The paper prints no iterative numbers (\"reported in the code repository\"); the reference rows are "
+           "the official iterative logs at their best test epoch, whose pseudo-label file was never published.",
+           ""]
+    out += _grid_table(cells, [("official log, iterative (best test epoch)", OFFICIAL_IL)], show_valid)
+    out += ["", _run_names_line(cells), ""]
+    stats = []
+    for _, run in sorted(cells.items()):
+        s = pseudo_label_stats(run) if run.finished else None
+        if s is None:
+            stats.append([f"`{run.spec.name}`", "missing" if not run.finished else "-", "-"])
+        else:
+            stats.append([f"`{run.spec.name}`", str(s[0]), _num(s[1] / s[0]) if s[0] else "-"])
+    out += ["Pseudo pairs added over the iterative epochs and their precision (the gold links are read only "
+            "to log this; the selection never sees them):", "",
+            *_md_table(["run", "pseudo pairs", "precision"], stats), ""]
+    return out
+
+
+def fig3_points(runs: list[Run], by_name: dict[str, Run]) -> dict[str, list[tuple[float, Run, bool]]]:
+    """param -> [(value, run, is_default)], sorted by value; the default point is BASE_RUN."""
+    points: dict[str, list] = {p: [] for p in FIG3_PARAMS}
+    for r in runs:
+        if r.spec.table != "fig3":
+            continue
+        param, value = r.spec.fig3_point()
+        if r.config and param in r.config:
+            value = float(r.config[param])
+        points.setdefault(param, []).append((value, r, False))
+    base = by_name.get(BASE_RUN)
+    if base is not None:
+        for param in points:
+            value = (base.config or {}).get(param, FIG3_DEFAULTS[param])
+            points[param].append((float(value), base, True))
+    return {p: sorted(v, key=lambda t: t[0]) for p, v in points.items()}
+
+
+def fig3_section(points, figure: str | None, skipped: str | None) -> list[str]:
+    out = ["## Figure 3: hyper-parameter sensitivity (FB15K-DB15K 20%)", "",
+           "Each swept flag is changed alone from the Table 1 run's values; the default point is "
+           f"`{BASE_RUN}`. The paper gives this figure as a plot only (no printed numbers).", ""]
+    if figure:
+        out += [f"![Figure 3]({figure})", ""]
+    elif skipped:
+        out += [f"*Figure skipped: {skipped}*", ""]
+    header = ["parameter", "value", "run", "last H@1", "last MRR", "best-TEST* H@1", "best-TEST* MRR"]
+    rows = []
+    for param, pts in points.items():
+        for value, run, default in pts:
+            last = _ours_cells(run, "last_epoch", ("hits@1", "mrr")) or ["-", "-"]
+            best = _ours_cells(run, "best_test_epoch", ("hits@1", "mrr")) or ["-", "-"]
+            rows.append([FIG3_PARAMS.get(param, param), f"{value:g}" + (" (default)" if default else ""),
+                         f"`{run.spec.name}`", *last[:2], *best[:2]])
+    return out + _md_table(header, rows) + [""]
+
+
+def runs_section(runs: list[Run]) -> list[str]:
+    header = ["run", "table", "row", "paper H@1", "status", "dataset", "rate", "epochs", "train s", "protocol"]
+    rows = []
+    for r in runs:
+        c = r.config or {}
+        epochs = "-"
+        if c:
+            epochs = str(c["epochs"]) + (f" + {c.get('il_epochs')} il" if c.get("il") else "")
+        secs = (r.results or {}).get("train_seconds")
+        why = r.smoke_reasons()
+        protocol = ("SMOKE: " + "; ".join(why)) if why else ("paper" if c else "-")
+        rows.append([f"`{r.spec.name}`", r.spec.table, r.spec.row, r.spec.expected, r.status,
+                     r.dataset_name if c else "-", str(c.get("rate", "-")), epochs,
+                     f"{secs:.0f}" if secs is not None else "-", protocol])
+    out = ["## Runs", "", "Every line of run_all.sh, its folder's state and its configuration (from config.json).", "",
+           *_md_table(header, rows), "", "Commands (as run_all.sh recorded them in `command.txt`, otherwise the "
+           "equivalent `train.py` flags from config.json):", "", "```"]
+    out += [r.command_line() for r in runs]
+    return out + ["```", ""]
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures (matplotlib imported lazily).
+# ---------------------------------------------------------------------------------------------
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def draw_fig3(plt, points, path: Path) -> None:
+    """One panel per swept flag: Hits@1 and MRR against its value (last epoch solid, best TEST
+    epoch dashed); the planned values without a finished run are listed as missing."""
+    params = list(points)
+    ncols = 3
+    nrows = math.ceil((len(params) + 1) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.5 * nrows), squeeze=False)
+    flat = list(axes.flat)
+    handles = None
+    for ax, param in zip(flat, params):
+        planned = [v for v, _, _ in points[param]]
+        done = [(v, r) for v, r, _ in points[param] if r.finished]
+        missing = [v for v, r, _ in points[param] if not r.finished]
+        ax.set_title(FIG3_PARAMS.get(param, param))
+        ax.set_xlabel(param)
+        log_x = param != "n_exp" and planned and min(planned) > 0
+        if log_x:
+            ax.set_xscale("log")
+        if planned:
+            lo, hi = min(planned), max(planned)
+            ax.set_xlim((lo / 1.6, hi * 1.6) if log_x else (lo - 0.5, hi + 0.5))
+            ax.set_xticks(planned)
+            ax.set_xticklabels([f"{x:g}" for x in planned])
+            ax.minorticks_off()
+        for v, _, default in points[param]:
+            if default:
+                ax.axvline(v, color="grey", linestyle=":", linewidth=1)
+        if done:
+            xs = [v for v, _ in done]
+            for key, style, label in (("last_epoch", "-", "last epoch"), ("best_test_epoch", "--", "best TEST*")):
+                for metric, marker, colour in (("hits@1", "o", "tab:blue"), ("mrr", "s", "tab:orange")):
+                    ys = [r.selection(key)["avg"][metric] for _, r in done]
+                    ax.plot(xs, ys, style, marker=marker, color=colour, alpha=1.0 if style == "-" else 0.45,
+                            label=f"{'Hits@1' if metric == 'hits@1' else 'MRR'}, {label}")
+            handles = ax.get_legend_handles_labels()
+        if missing:
+            ax.text(0.02, 0.02, "missing: " + ", ".join(f"{v:g}" for v in missing), transform=ax.transAxes,
+                    fontsize=7, color="firebrick")
+        if not done:
+            ax.text(0.5, 0.5, "no finished runs", ha="center", va="center", transform=ax.transAxes)
+        ax.set_ylabel("test score")
+        ax.grid(alpha=0.3)
+    legend_ax = flat[len(params)]
+    legend_ax.axis("off")
+    if handles:
+        legend_ax.legend(*handles, loc="center", fontsize=9, title="dotted line: default (Table 1 run)",
+                         title_fontsize=8)
+    for ax in flat[len(params) + 1:]:
+        ax.axis("off")
+    smoke = any(r.smoke_reasons() for pts in points.values() for _, r, _ in pts if r.finished)
+    fig.suptitle("Figure 3: hyper-parameter sensitivity, FB15K-DB15K 20%"
+                 + ("  (SMOKE RUNS, not paper numbers)" if smoke else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _short_name(name: str, width: int = 28) -> str:
+    name = name.strip("<>")
+    if "/" in name and not name.startswith("/m/"):
+        name = name.rstrip("/").rsplit("/", 1)[-1]
+    return name if len(name) <= width else name[:width - 1] + "…"
+
+
+def _read_predictions(path: Path) -> list[dict]:
+    lines = _lines(path)
+    if not lines:
+        return []
+    header = lines[0].split("\t")
+    return [dict(zip(header, l.split("\t"))) for l in lines[1:]]
+
+
+def choose_entities(weights: np.ndarray, predictions: list[dict], n: int = 4) -> list[dict]:
+    """A few test pairs whose router weights differ: for the modalities in order of decreasing
+    spread, the correctly aligned test entity that weighs that modality most (deterministic)."""
+    rows = [p for p in predictions if p.get("correct") == "1"] or predictions
+    if not rows:
+        return []
+    ids = np.array([int(p["left_id"]) for p in rows])
+    w = weights[ids]  # (C, M)
+    order = np.argsort(-w.std(0), kind="stable")
+    chosen: list[int] = []
+    for j in range(len(order) * n):
+        if len(chosen) >= min(n, len(rows)):
+            break
+        for idx in np.argsort(-w[:, order[j % len(order)]], kind="stable"):
+            if idx not in chosen:
+                chosen.append(int(idx))
+                break
+    return [rows[i] for i in chosen]
+
+
+def fig4_data(run: Run | None, n: int = 4):
+    """(entity labels, modality names, (E, M) router weights, (E, K) image gates or None) or a reason."""
+    if run is None or not run.finished:
+        return f"run `{BASE_RUN}` is missing"
+    wpath, gpath = run.folder / "modality_weights.npy", run.folder / "expert_gates.npz"
+    if not wpath.is_file() or not gpath.is_file():
+        return f"`{run.spec.name}` has no modality_weights.npy / expert_gates.npz"
+    weights = np.load(wpath)  # (N, M)
+    gates = np.load(gpath)
+    modalities = [str(m) for m in gates["modalities"]]
+    preds = _read_predictions(run.folder / "predictions.tsv")
+    chosen = choose_entities(weights, preds, n)
+    if not chosen:
+        return f"`{run.spec.name}` has no predictions.tsv rows to pick entities from"
+    ids, labels = [], []
+    for p in chosen:
+        ids += [int(p["left_id"]), int(p["gold_right_id"])]
+        labels += [f"{_short_name(p['left_name'])} (KG1)", f"{_short_name(p['gold_right_name'])} (KG2)"]
+    img = gates["image"][ids] if "image" in gates.files else None  # (E, K)
+    return labels, modalities, weights[ids], img
+
+
+def draw_fig4(plt, data, path: Path, smoke: bool) -> None:
+    labels, modalities, w, img = data
+    ncols = 2 if img is not None else 1
+    widths = [len(modalities), img.shape[1]] if img is not None else [len(modalities)]
+    fig, axes = plt.subplots(1, ncols, figsize=(3.2 + 0.9 * sum(widths), 0.5 * len(labels) + 1.8),
+                             gridspec_kw={"width_ratios": widths}, squeeze=False)
+    panels = [(w, modalities, "router weights per modality (Eq. 11)")]
+    if img is not None:
+        panels.append((img, [f"e{k + 1}" for k in range(img.shape[1])], "image-MoE expert gates (Eq. 7)"))
+    for i, (ax, (mat, xt, title)) in enumerate(zip(axes[0], panels)):
+        ax.imshow(mat, cmap="Blues", vmin=0, vmax=max(float(mat.max()), 1e-9), aspect="auto")
+        ax.set_xticks(range(len(xt)))
+        ax.set_xticklabels(xt, rotation=30, ha="right")
+        ax.set_yticks(range(len(labels)))
+        ax.set_yticklabels(labels if i == 0 else [])
+        ax.set_title(title, fontsize=10)
+        for (r, c), v in np.ndenumerate(mat):
+            ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if v > 0.6 * mat.max() else "black")
+    fig.suptitle("Figure 4: modality weights of test pairs" + ("  (SMOKE RUN, not paper numbers)" if smoke else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def fig4_section(data, figure: str | None, skipped: str | None) -> list[str]:
+    out = ["## Figure 4: router weights and image-expert gates of a few test pairs", "",
+           f"From `{BASE_RUN}` (modality_weights.npy, expert_gates.npz, names from predictions.tsv). The entities "
+           "are correctly aligned test pairs that weigh different modalities most; darker = larger weight.", ""]
+    if isinstance(data, str):
+        return out + [f"*Figure 4 not drawn: {data}*", ""]
+    if figure:
+        out += [f"![Figure 4]({figure})", ""]
+    elif skipped:
+        out += [f"*Figure skipped: {skipped}*", ""]
+    labels, modalities, w, img = data
+    header = ["entity", *modalities] + ([f"img e{k + 1}" for k in range(img.shape[1])] if img is not None else [])
+    rows = [[lab, *[f"{v:.3f}" for v in w[i]], *([f"{v:.3f}" for v in img[i]] if img is not None else [])]
+            for i, lab in enumerate(labels)]
+    return out + _md_table(header, rows) + [""]
+
+
+# ---------------------------------------------------------------------------------------------
+# The page.
+# ---------------------------------------------------------------------------------------------
+
+
+def build_report(runs_dir: Path, out: Path, figures: Path | None = None, run_all: Path = RUN_ALL,
+                 notes: list[str] = (), command: str | None = None) -> str:
+    specs = load_run_list(run_all)
+    runs = [Run.load(s, runs_dir) for s in specs]
+    by_name = {r.spec.name: r for r in runs}
+    finished = [r for r in runs if r.finished]
+    smoke = [r for r in finished if r.smoke_reasons()]
+    out = Path(out)
+
+    plt = _pyplot() if figures is not None else None
+    skipped = None
+    if figures is None:
+        skipped = "no --figures folder given"
+    elif plt is None:
+        skipped = "matplotlib is not installed (pip install matplotlib, or pip install -e \".[plot]\")"
+    points = fig3_points(runs, by_name)
+    f4 = fig4_data(by_name.get(BASE_RUN))
+    fig3_rel = fig4_rel = None
+    if plt is not None:
+        figures = Path(figures)
+        figures.mkdir(parents=True, exist_ok=True)
+        rel = Path(_relpath(figures, out.parent))
+        draw_fig3(plt, points, figures / "fig3_hyperparameters.png")
+        fig3_rel = (rel / "fig3_hyperparameters.png").as_posix()
+        if not isinstance(f4, str):
+            draw_fig4(plt, f4, figures / "fig4_modality_weights.png", bool(by_name[BASE_RUN].smoke_reasons()))
+            fig4_rel = (rel / "fig4_modality_weights.png").as_posix()
+
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = ["# Results", "",
+             f"Generated {stamp} by `{command or 'python -m data_process.report'}` from the run folders under "
+             f"`{runs_dir}/`: every number of ours is read from a run's results.json (the paper's numbers are "
+             "constants in data_process/report.py). A run without results.json shows as **missing**.",
+             f"{len(finished)} of {len(runs)} runs of run_all.sh are finished.", ""]
+    if smoke:
+        datasets = sorted({r.dataset_name for r in smoke})
+        epochs = sorted({r.total_epochs for r in smoke})
+        lines += [f"> **SMOKE PASS: {len(smoke)} of the {len(finished)} finished runs do not follow the paper's "
+                  f"protocol** (dataset {', '.join(datasets)}; {' or '.join(map(str, epochs))} epochs per run, "
+                  "iterative ones included). "
+                  "Their numbers, marked †, only show that the pipeline runs end to end; they are **not** "
+                  "reproductions of the paper's numbers. See the Runs section for each run's dataset and epochs.",
+                  ""]
+    if notes:
+        lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
+    lines += [TEST_RULE_NOTE, ""]
+    if not any(r.selection("best_valid_epoch") for r in finished):
+        lines += ["No run holds out a validation split (`--val_ratio 0`, the paper's protocol), so there are no "
+                  "validation-selected rows.", ""]
+    if smoke:
+        lines += ["† smoke run (dataset or epochs differ from the paper's protocol; see Runs).", ""]
+    # The validation-selected rows appear only when some run held out a validation split.
+    show_valid = any(r.selection("best_valid_epoch") for r in finished)
+    lines += table1_section(runs, show_valid)
+    lines += table2_section(runs, by_name, show_valid)
+    lines += iterative_section(runs, show_valid)
+    lines += fig3_section(points, fig3_rel, skipped)
+    lines += fig4_section(f4, fig4_rel, skipped)
+    lines += runs_section(runs)
+    text = "\n".join(lines).rstrip() + "\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+    return text
+
+
+def _relpath(target: Path, start: Path) -> str:
+    import os
+
+    return os.path.relpath(Path(target).resolve(), Path(start).resolve())
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Write the results page (Table 1, 2, iterative, Figure 3, 4) "
+                                            "from run folders.")
+    p.add_argument("--runs", default="runs", help="parent folder of the run folders (run_all.sh --out_dir)")
+    p.add_argument("--out", default="docs/results.md", help="markdown file to write")
+    p.add_argument("--figures", default=None, help="folder for the PNG figures (needs matplotlib); "
+                                                   "without it the figures are skipped")
+    p.add_argument("--run_all", default=str(RUN_ALL), help="run_all.sh whose RUN_TABLE lists the runs")
+    p.add_argument("--note", action="append", default=[], help="a line for the page's Notes section (repeatable)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    shown, skip = [], False
+    for a in argv:  # the notes are printed in the page itself
+        if skip:
+            shown.append("'...'")
+        elif a != "--note":
+            shown.append(shlex.quote(a))
+        else:
+            shown.append(a)
+        skip = a == "--note"
+    command = "python -m data_process.report " + " ".join(shown)
+    text = build_report(Path(args.runs), Path(args.out), Path(args.figures) if args.figures else None,
+                        Path(args.run_all), args.note, command)
+    counts = re.search(r"(\d+ of \d+ runs) of run_all.sh are finished", text)
+    print(f"wrote {args.out} ({counts.group(1)} finished"
+          + (f"; figures in {args.figures})" if args.figures else "; no figures)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

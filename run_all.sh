@@ -1,0 +1,230 @@
+#!/usr/bin/env bash
+# The paper's experiments, one run.sh call per line of RUN_TABLE below, then the report.
+#
+#   bash run_all.sh                                  # every run not finished yet, then runs/results.md
+#   bash run_all.sh --list                           # print the commands (and whether each is done)
+#   bash run_all.sh --only table1,il                 # a subset: table1 table2 il fig3, or run names
+#   bash run_all.sh --dataset-override default --out_dir runs/smoke --epochs 2 --check_point 1 \
+#        --il_epochs 2 --il_step 1                   # smoke pass: every line on the embedded default
+#
+# Options (everything else is passed to every run, after the run's own flags, so it wins):
+#   --list                   print the commands and exit
+#   --only A,B               keep the lines whose table or run name is listed (Table 2's "Ours" and
+#                            Figure 3's default point are the table1 line t1_db_20)
+#   --dataset-override D     run every line on dataset D ("default" = the embedded synthetic pair);
+#                            env DATASET_OVERRIDE does the same
+#   --out_dir DIR            parent of the run folders (default runs; env RUNS_DIR)
+#   --report FILE            where the report goes (default <out_dir>/results.md, figures in
+#                            <out_dir>/figures); --no-report skips it
+#
+# A run whose folder holds results.json is finished and skipped; one with checkpoint.pt but no
+# results.json was interrupted and is resumed from its checkpoint (train.py --resume); anything
+# else starts from scratch. On CPU (or one GPU) the runs go one after the other; with several GPUs
+# (nvidia-smi -L, or the list in CUDA_VISIBLE_DEVICES) one run per GPU goes in parallel. Each run's
+# output goes to <out_dir>/<name>/stdout.txt and its exact command to <out_dir>/<name>/command.txt.
+set -uo pipefail
+cd "$(dirname "$0")"
+# The whole script is one brace group, read before it runs: editing this file while a long
+# run_all.sh is under way cannot change what that one does.
+{
+
+# Columns: run name | table | row | paper Hits@1 | run.sh arguments
+#   seed dataset rate fusion_weight_dim without [--flags]; <without> is the official code 0-8
+#   (0 none, 1 image, 2 graph, 3 rel_bow, 4 rel_text, 5 attr_bow, 6 attr_text, 7 cl, 8 al) or a
+#   name (club, hmoe); run.sh translates it. fusion_weight_dim: 512 for DB 20%, 128 for YG 20%, else
+#   0 (official README). Paper Hits@1: Table 1 and 2 of the paper; "il" rows: the official
+#   iterative logs (the paper prints no iterative numbers); "plot-only": Figure 3 has no printed
+#   numbers. t1_db_20 is also Table 2's "Ours" row and the default point of every Figure 3 sweep
+#   (al_loss 0.1, cl_loss 1.0, tau_cl 0.1, tau_al 4.0, n_exp 5), so those points are not repeated.
+RUN_TABLE=$(cat <<'RUN_TABLE'
+t1_db_20             | table1 | FB15K-DB15K 20%   | 0.5118    | 42 FB15K_DB15K 0.2 512 0
+t1_db_50             | table1 | FB15K-DB15K 50%   | 0.6949    | 42 FB15K_DB15K 0.5 0 0
+t1_db_80             | table1 | FB15K-DB15K 80%   | 0.8094    | 42 FB15K_DB15K 0.8 0 0
+t1_yg_20             | table1 | FB15K-YAGO15K 20% | 0.4393    | 42 FB15K_YAGO15K 0.2 128 0
+t1_yg_50             | table1 | FB15K-YAGO15K 50% | 0.6491    | 42 FB15K_YAGO15K 0.5 0 0
+t1_yg_80             | table1 | FB15K-YAGO15K 80% | 0.7737    | 42 FB15K_YAGO15K 0.8 0 0
+t2_db_20_wo_g        | table2 | w/o g             | 0.4131    | 42 FB15K_DB15K 0.2 512 2
+t2_db_20_wo_v        | table2 | w/o v             | 0.4803    | 42 FB15K_DB15K 0.2 512 1
+t2_db_20_wo_r_b      | table2 | w/o r_b           | 0.4736    | 42 FB15K_DB15K 0.2 512 3
+t2_db_20_wo_r_t      | table2 | w/o r_t           | 0.4841    | 42 FB15K_DB15K 0.2 512 4
+t2_db_20_wo_a_b      | table2 | w/o a_b           | 0.4731    | 42 FB15K_DB15K 0.2 512 5
+t2_db_20_wo_a_t      | table2 | w/o a_t           | 0.4844    | 42 FB15K_DB15K 0.2 512 6
+t2_db_20_wo_cl       | table2 | w/o L_m^CL        | 0.4840    | 42 FB15K_DB15K 0.2 512 7
+t2_db_20_wo_al       | table2 | w/o L_m^AL        | 0.4864    | 42 FB15K_DB15K 0.2 512 8
+t2_db_20_wo_club     | table2 | w/o L_CLUB        | 0.5033    | 42 FB15K_DB15K 0.2 512 club
+t2_db_20_wo_hmoe     | table2 | w/o HMoE          | 0.4778    | 42 FB15K_DB15K 0.2 512 hmoe
+il_db_20             | il     | FB15K-DB15K 20%   | 0.679     | 42 FB15K_DB15K 0.2 512 0 --il
+il_db_50             | il     | FB15K-DB15K 50%   | 0.740     | 42 FB15K_DB15K 0.5 0 0 --il
+il_db_80             | il     | FB15K-DB15K 80%   | 0.836     | 42 FB15K_DB15K 0.8 0 0 --il
+il_yg_20             | il     | FB15K-YAGO15K 20% | 0.606     | 42 FB15K_YAGO15K 0.2 128 0 --il
+il_yg_50             | il     | FB15K-YAGO15K 50% | 0.698     | 42 FB15K_YAGO15K 0.5 0 0 --il
+il_yg_80             | il     | FB15K-YAGO15K 80% | 0.779     | 42 FB15K_YAGO15K 0.8 0 0 --il
+f3_al_loss_0.01      | fig3   | al_loss=0.01      | plot-only | 42 FB15K_DB15K 0.2 512 0 --al_loss 0.01
+f3_al_loss_0.05      | fig3   | al_loss=0.05      | plot-only | 42 FB15K_DB15K 0.2 512 0 --al_loss 0.05
+f3_al_loss_0.5       | fig3   | al_loss=0.5       | plot-only | 42 FB15K_DB15K 0.2 512 0 --al_loss 0.5
+f3_al_loss_1.0       | fig3   | al_loss=1.0       | plot-only | 42 FB15K_DB15K 0.2 512 0 --al_loss 1.0
+f3_cl_loss_0.01      | fig3   | cl_loss=0.01      | plot-only | 42 FB15K_DB15K 0.2 512 0 --cl_loss 0.01
+f3_cl_loss_0.05      | fig3   | cl_loss=0.05      | plot-only | 42 FB15K_DB15K 0.2 512 0 --cl_loss 0.05
+f3_cl_loss_0.1       | fig3   | cl_loss=0.1       | plot-only | 42 FB15K_DB15K 0.2 512 0 --cl_loss 0.1
+f3_cl_loss_0.5       | fig3   | cl_loss=0.5       | plot-only | 42 FB15K_DB15K 0.2 512 0 --cl_loss 0.5
+f3_tau_cl_0.01       | fig3   | tau_cl=0.01       | plot-only | 42 FB15K_DB15K 0.2 512 0 --tau_cl 0.01
+f3_tau_cl_0.05       | fig3   | tau_cl=0.05       | plot-only | 42 FB15K_DB15K 0.2 512 0 --tau_cl 0.05
+f3_tau_cl_0.5        | fig3   | tau_cl=0.5        | plot-only | 42 FB15K_DB15K 0.2 512 0 --tau_cl 0.5
+f3_tau_cl_1.0        | fig3   | tau_cl=1.0        | plot-only | 42 FB15K_DB15K 0.2 512 0 --tau_cl 1.0
+f3_tau_al_0.1        | fig3   | tau_al=0.1        | plot-only | 42 FB15K_DB15K 0.2 512 0 --tau_al 0.1
+f3_tau_al_0.5        | fig3   | tau_al=0.5        | plot-only | 42 FB15K_DB15K 0.2 512 0 --tau_al 0.5
+f3_tau_al_1.0        | fig3   | tau_al=1.0        | plot-only | 42 FB15K_DB15K 0.2 512 0 --tau_al 1.0
+f3_tau_al_2.0        | fig3   | tau_al=2.0        | plot-only | 42 FB15K_DB15K 0.2 512 0 --tau_al 2.0
+f3_tau_al_8.0        | fig3   | tau_al=8.0        | plot-only | 42 FB15K_DB15K 0.2 512 0 --tau_al 8.0
+f3_n_exp_1           | fig3   | n_exp=1           | plot-only | 42 FB15K_DB15K 0.2 512 0 --n_exp 1
+f3_n_exp_3           | fig3   | n_exp=3           | plot-only | 42 FB15K_DB15K 0.2 512 0 --n_exp 3
+f3_n_exp_7           | fig3   | n_exp=7           | plot-only | 42 FB15K_DB15K 0.2 512 0 --n_exp 7
+f3_n_exp_9           | fig3   | n_exp=9           | plot-only | 42 FB15K_DB15K 0.2 512 0 --n_exp 9
+RUN_TABLE
+)
+
+usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
+
+list_only=0; only=""; override="${DATASET_OVERRIDE:-}"; out_dir="${RUNS_DIR:-runs}"
+report=""; do_report=1; extra=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --list) list_only=1 ;;
+    --only) only="${2:?--only needs a value}"; shift ;;
+    --only=*) only="${1#*=}" ;;
+    --dataset-override) override="${2:?--dataset-override needs a value}"; shift ;;
+    --dataset-override=*) override="${1#*=}" ;;
+    --out_dir) out_dir="${2:?--out_dir needs a value}"; shift ;;
+    --out_dir=*) out_dir="${1#*=}" ;;
+    --report) report="${2:?--report needs a value}"; shift ;;
+    --no-report) do_report=0 ;;
+    --run_name|--run_name=*|--resume|--resume=*)
+      echo "run_all.sh: $1 is set per run here; it cannot be passed through" >&2; exit 2 ;;
+    -h|--help) usage; exit 0 ;;
+    *) extra+=("$1") ;;
+  esac
+  shift
+done
+report="${report:-$out_dir/results.md}"
+
+trim() { local s="$1"; s="${s#"${s%%[![:space:]]*}"}"; s="${s%"${s##*[![:space:]]}"}"; printf '%s' "$s"; }
+
+# Parse the table into parallel arrays, keeping the selected lines.
+names=(); tables=(); rows=(); expects=(); argstrs=()
+while IFS='|' read -r c_name c_table c_row c_expect c_args; do
+  c_name=$(trim "$c_name"); [ -z "$c_name" ] && continue
+  case "$c_name" in \#*) continue ;; esac
+  c_table=$(trim "$c_table"); c_row=$(trim "$c_row"); c_expect=$(trim "$c_expect"); c_args=$(trim "$c_args")
+  if [ -z "$c_args" ]; then echo "run_all.sh: malformed line for '$c_name' (5 '|' columns expected)" >&2; exit 2; fi
+  if [ -n "$only" ] && [[ ",$only," != *",$c_table,"* ]] && [[ ",$only," != *",$c_name,"* ]]; then continue; fi
+  names+=("$c_name"); tables+=("$c_table"); rows+=("$c_row"); expects+=("$c_expect"); argstrs+=("$c_args")
+done <<< "$RUN_TABLE"
+if [ ${#names[@]} -eq 0 ]; then echo "run_all.sh: no run matches --only '$only'" >&2; exit 2; fi
+
+# The command of line i, in the array "cmd": run.sh's positional arguments (dataset replaced by
+# the override), the line's own flags, the pass-through flags, then the run folder.
+build_cmd() {
+  local i=$1 a; local -a argv
+  read -r -a argv <<< "${argstrs[$i]}"
+  [ -n "$override" ] && argv[1]="$override"
+  cmd=(bash run.sh "${argv[@]}" "${extra[@]}" --run_name "${names[$i]}" --out_dir "$out_dir")
+  local dir="$out_dir/${names[$i]}"
+  if [ ! -f "$dir/results.json" ] && [ -f "$dir/checkpoint.pt" ]; then cmd+=(--resume "$dir"); fi
+  return 0
+}
+
+status_of() {
+  local dir="$out_dir/$1"
+  if [ -f "$dir/results.json" ]; then echo done
+  elif [ -f "$dir/checkpoint.pt" ]; then echo resume
+  else echo todo; fi
+}
+
+if [ "$list_only" = 1 ]; then
+  for i in "${!names[@]}"; do
+    build_cmd "$i"
+    printf '%s  # %s | %s | paper Hits@1 %s | %s\n' "${cmd[*]}" "${tables[$i]}" "${rows[$i]}" \
+      "${expects[$i]}" "$(status_of "${names[$i]}")"
+  done
+  exit 0
+fi
+
+# GPUs: the ids in CUDA_VISIBLE_DEVICES when set, else one per line of `nvidia-smi -L`.
+gpus=()
+if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
+  IFS=',' read -r -a gpus <<< "$CUDA_VISIBLE_DEVICES"
+elif command -v nvidia-smi >/dev/null 2>&1; then
+  n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+  for ((g = 0; g < ${n:-0}; g++)); do gpus+=("$g"); done
+fi
+
+mkdir -p "$out_dir"
+failed_file=$(mktemp "${TMPDIR:-/tmp}/run_all_failed.XXXXXX")
+trap 'rm -f "$failed_file"' EXIT
+
+# One run: its command goes to command.txt, its output to stdout.txt, one status line here.
+run_one() {
+  local i=$1 gpu=$2 dir="$out_dir/${names[$1]}" t0 rc
+  build_cmd "$i"
+  mkdir -p "$dir"
+  printf '%s\n' "${cmd[*]}" > "$dir/command.txt"
+  t0=$(date +%s)
+  if [ -n "$gpu" ]; then
+    CUDA_VISIBLE_DEVICES="$gpu" "${cmd[@]}" > "$dir/stdout.txt" 2>&1; rc=$?
+  else
+    "${cmd[@]}" > "$dir/stdout.txt" 2>&1; rc=$?
+  fi
+  if [ "$rc" -eq 0 ]; then
+    echo "  ${names[$i]}: ok ($(( $(date +%s) - t0 )) s)${gpu:+ on GPU $gpu}"
+  else
+    echo "  ${names[$i]}: FAILED (exit $rc); last lines of $dir/stdout.txt:"
+    tail -n 5 "$dir/stdout.txt" | sed 's/^/      /'
+    echo "${names[$i]}" >> "$failed_file"
+  fi
+}
+
+todo=()
+for i in "${!names[@]}"; do
+  if [ "$(status_of "${names[$i]}")" = done ]; then echo "skip ${names[$i]} (results.json exists)"
+  else todo+=("$i"); fi
+done
+echo "run_all.sh: ${#todo[@]} of ${#names[@]} runs to do, into $out_dir/" \
+     "(${#gpus[@]} GPU(s): $([ ${#gpus[@]} -gt 1 ] && echo "one run per GPU in parallel" || echo sequential))"
+
+t_all=$(date +%s)
+if [ ${#gpus[@]} -le 1 ]; then
+  k=0
+  for i in "${todo[@]}"; do
+    k=$((k + 1)); echo "[$k/${#todo[@]}] ${names[$i]}  (${tables[$i]} | ${rows[$i]} | paper Hits@1 ${expects[$i]})"
+    run_one "$i" "${gpus[0]:-}"
+  done
+else
+  slot_pid=()
+  for i in "${todo[@]}"; do
+    free=""
+    while [ -z "$free" ]; do
+      for s in "${!gpus[@]}"; do
+        pid="${slot_pid[$s]:-}"
+        if [ -z "$pid" ] || ! kill -0 "$pid" 2>/dev/null; then free=$s; break; fi
+      done
+      [ -z "$free" ] && { wait -n 2>/dev/null || sleep 1; }
+    done
+    echo "start ${names[$i]} on GPU ${gpus[$free]}  (${tables[$i]} | ${rows[$i]} | paper Hits@1 ${expects[$i]})"
+    run_one "$i" "${gpus[$free]}" &
+    slot_pid[$free]=$!
+  done
+  wait
+fi
+
+n_failed=$(grep -c . "$failed_file" || true)
+echo "run_all.sh: finished in $(( $(date +%s) - t_all )) s; ${n_failed} failed"
+if [ "$do_report" = 1 ]; then
+  python -m data_process.report --runs "$out_dir" --out "$report" --figures "$(dirname "$report")/figures" \
+    || echo "run_all.sh: the report failed" >&2
+fi
+if [ "$n_failed" -gt 0 ]; then
+  echo "failed runs (rerun bash run_all.sh to retry only these): $(tr '\n' ' ' < "$failed_file")" >&2
+  exit 1
+fi
+exit 0
+}

@@ -1,0 +1,182 @@
+"""The report builder on fake run folders: numbers only from results.json, missing runs shown as
+missing (never zeros), smoke runs labelled, figures drawn or skipped."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_process import report
+from data_process.report import BASE_RUN, PAPER_TABLE1, Run, build_report, choose_entities, load_run_list
+
+SPECS = {s.name: s for s in load_run_list()}
+MODS = ("graph", "image", "rel_bow", "rel_text", "attr_bow", "attr_text")
+
+
+def _metrics(h1: float) -> dict:
+    avg = {"hits@1": h1, "hits@5": h1 + 0.1, "hits@10": h1 + 0.2, "mrr": h1 + 0.05, "mr": 12.0}
+    return {"l2r": avg, "r2l": avg, "avg": avg}
+
+
+def make_run(runs: Path, name: str, h1: float, *, epochs=1000, file_dir=None, valid=False, artifacts=False,
+             command=None, **config) -> Path:
+    """A finished run folder as train.py writes it (results.json + config.json [+ arrays])."""
+    spec = SPECS[name]
+    folder = runs / name
+    folder.mkdir(parents=True)
+    cfg = {"file_dir": f"data/mmkb-datasets/{spec.dataset}" if file_dir is None else file_dir,
+           "rate": spec.rate, "epochs": epochs, "check_point": 10 if epochs == 1000 else 1,
+           "il": spec.table == "il", "il_epochs": 500, "al_loss": 0.1, "cl_loss": 1.0, "tau_cl": 0.1,
+           "tau_al": 4.0, "n_exp": 5, "seed": 42, **config}
+    best = {"epoch": epochs - 10, "test": _metrics(h1 + 0.01)}
+    results = {"last_epoch": {"epoch": epochs, "test": _metrics(h1)},
+               "best_valid_epoch": {"epoch": epochs - 20, "test": _metrics(h1 - 0.005)} if valid else None,
+               "best_test_epoch": {**best, "note": "selected on the TEST set"},
+               "config": cfg, "pairs": {"train": 10, "valid": 0, "test": 40, "pseudo": 0}, "train_seconds": 12.5}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "results.json").write_text(json.dumps(results))
+    if command:
+        (folder / "command.txt").write_text(command + "\n")
+    if artifacts:
+        rng = np.random.default_rng(0)
+        w = rng.dirichlet(np.ones(6), size=20).astype(np.float32)  # (N, M)
+        np.save(folder / "modality_weights.npy", w)
+        gates = {m: rng.dirichlet(np.ones(5), size=20).astype(np.float32) for m in MODS}
+        np.savez(folder / "expert_gates.npz", modalities=np.array(MODS), **gates)
+        rows = ["left_id\tleft_name\tpred_right_id\tpred_right_name\tscore\tgold_right_id\tgold_right_name\t"
+                "correct\trank"]
+        rows += [f"{i}\t/m/0e{i}\t{10 + i}\tx\t0.5\t{10 + i}\t<http://dbpedia.org/resource/E_{i}>\t"
+                 f"{int(i != 3)}\t1" for i in range(10)]
+        (folder / "predictions.tsv").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def _section(text: str, title: str) -> str:
+    start = text.index(f"## {title}")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else None]
+
+
+def test_missing_runs_show_as_missing_never_as_zeros(tmp_path):
+    text = build_report(tmp_path / "runs", tmp_path / "results.md")
+    assert (tmp_path / "results.md").read_text() == text
+    t1 = _section(text, "Table 1")
+    ours = [l for l in t1.splitlines() if "ours," in l]
+    assert ours and all(l.count("missing") == 10 for l in ours)  # 4 metrics + epoch, two datasets
+    assert "0.0000" not in text and "0 of 43 runs" in text
+    assert "0.5118" in t1  # the paper's number stays beside it
+    assert "SMOKE" not in text
+    assert "*Figure 4 not drawn: run `t1_db_20` is missing*" in text
+    f3 = _section(text, "Figure 3")
+    assert "| τ_al (tau_al) | 4 (default) | `t1_db_20` | missing | missing | missing | missing |" in f3
+
+
+def test_numbers_come_from_the_run_folders(tmp_path):
+    runs = tmp_path / "runs"
+    make_run(runs, BASE_RUN, 0.4321, command="bash run.sh 42 FB15K_DB15K 0.2 512 0 --run_name t1_db_20")
+    make_run(runs, "t2_db_20_wo_g", 0.3333)
+    text = build_report(runs, tmp_path / "results.md")
+    t1 = _section(text, "Table 1")
+    last = next(l for l in t1.splitlines() if "ours, last epoch" in l and "20%" in t1)
+    assert "| 0.4321 | 0.5321 | 0.6321 | 0.4821 | 1000 |" in last and last.count("missing") == 5
+    best = next(l for l in t1.splitlines() if "best TEST epoch*" in l)
+    assert "| 0.4421 |" in best and "| 990 |" in best
+    assert "best valid" not in t1  # no run has a validation split: the row is left out
+    t2 = _section(text, "Table 2")
+    assert "| Ours | paper | 0.5118 |" in t2 and "| 0.4321 |" in t2 and "| 0.3333 |" in t2
+    assert "selection rule behind the paper's Table 1" in text
+    assert "bash run.sh 42 FB15K_DB15K 0.2 512 0 --run_name t1_db_20" in text  # the recorded command
+    assert "SMOKE" not in text and "2 of 43 runs" in text
+    runs_rows = _section(text, "Runs")
+    assert "| `t1_db_20` | table1 | FB15K-DB15K 20% | 0.5118 | finished | FB15K_DB15K | 0.2 | 1000 | 12 | paper |" \
+        in runs_rows
+
+
+def test_a_validation_selected_row_appears_when_present(tmp_path):
+    make_run(tmp_path / "runs", BASE_RUN, 0.5, valid=True, val_ratio=0.1)
+    t1 = _section(build_report(tmp_path / "runs", tmp_path / "r.md"), "Table 1")
+    valid = [l for l in t1.splitlines() if "best valid epoch" in l]
+    assert len(valid) == 3  # one per seed ratio
+    assert "| 0.4950 |" in valid[0] and "| 980 |" in valid[0]
+
+
+def test_smoke_runs_are_labelled(tmp_path):
+    runs = tmp_path / "runs"
+    make_run(runs, BASE_RUN, 0.3, epochs=2, file_dir="")
+    make_run(runs, "il_yg_80", 0.3, epochs=2, file_dir="", il_epochs=2)
+    text = build_report(runs, tmp_path / "r.md")
+    assert "SMOKE PASS: 2 of the 2 finished runs" in text and "embedded default" in text
+    assert "not** reproductions" in text
+    assert "| 0.3000 † |" in _section(text, "Table 1")
+    row = next(l for l in _section(text, "Runs").splitlines() if "`il_yg_80`" in l)
+    assert "2 + 2 il" in row and "SMOKE: dataset embedded default (the line's FB15K_YAGO15K); epochs 2" in row
+    assert "il_epochs 2 (paper 500)" in row
+
+
+def test_pseudo_label_counts_come_from_the_log(tmp_path):
+    folder = make_run(tmp_path / "runs", "il_db_50", 0.6)
+    (folder / "log.txt").write_text("10:00 epoch=1010 pseudo_new=100 pseudo_total=100 pseudo_new_precision=0.9000\n"
+                                    "10:01 epoch=1020 pseudo_new=50 pseudo_total=150 pseudo_new_precision=0.5000\n")
+    run = Run.load(SPECS["il_db_50"], tmp_path / "runs")
+    assert report.pseudo_label_stats(run) == (150, 115)
+    il = _section(build_report(tmp_path / "runs", tmp_path / "r.md"), "Iterative")
+    assert "| `il_db_50` | 150 | 0.7667 |" in il and "| `il_db_20` | missing | - |" in il
+    assert "0.6790" in il  # the official iterative log's number beside ours
+
+
+def test_choose_entities_picks_distinct_correct_pairs_deterministically():
+    w = np.full((6, 3), 1 / 3, dtype=np.float32)
+    w[1] = [0.8, 0.1, 0.1]
+    w[2] = [0.1, 0.1, 0.8]
+    w[4] = [0.9, 0.05, 0.05]  # wrongly aligned: not chosen while correct ones remain
+    preds = [{"left_id": str(i), "correct": "0" if i == 4 else "1"} for i in range(6)]
+    chosen = [int(p["left_id"]) for p in choose_entities(w, preds, n=3)]
+    assert chosen[:2] == [1, 2] and len(set(chosen)) == 3 and 4 not in chosen
+    assert choose_entities(w, preds, n=3) == choose_entities(w, preds, n=3)
+    assert choose_entities(w, [], n=3) == []
+
+
+def test_figures_are_drawn_from_the_run_arrays(tmp_path):
+    pytest.importorskip("matplotlib")
+    runs = tmp_path / "runs"
+    make_run(runs, BASE_RUN, 0.5, artifacts=True)
+    make_run(runs, "f3_tau_cl_0.5", 0.2, tau_cl=0.5)
+    make_run(runs, "f3_n_exp_1", 0.4, n_exp=1)
+    out = tmp_path / "docs" / "results.md"
+    text = build_report(runs, out, tmp_path / "docs" / "figures")
+    for png in ("fig3_hyperparameters.png", "fig4_modality_weights.png"):
+        data = (tmp_path / "docs" / "figures" / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+        assert f"](figures/{png})" in text  # relative to the page
+    f3 = _section(text, "Figure 3")
+    assert "| τ_cl (tau_cl) | 0.1 (default) | `t1_db_20` | 0.5000 |" in f3
+    assert "| τ_cl (tau_cl) | 0.5 | `f3_tau_cl_0.5` | 0.2000 |" in f3
+    assert "| τ_cl (tau_cl) | 1 | `f3_tau_cl_1.0` | missing |" in f3
+    f4 = _section(text, "Figure 4")
+    rows = [l for l in f4.splitlines() if "(KG1)" in l or "(KG2)" in l]
+    assert len(rows) == 8 and "/m/0e3 (KG1)" not in f4  # 4 pairs, only correctly aligned ones
+    assert "E_" in f4 and "<http" not in f4  # names shortened to the URI's last part
+    assert "| entity | graph | image |" in f4 and "img e5" in f4
+
+
+def test_without_matplotlib_the_tables_are_written_and_figures_skipped(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "_pyplot", lambda: None)
+    make_run(tmp_path / "runs", BASE_RUN, 0.5, artifacts=True)
+    text = build_report(tmp_path / "runs", tmp_path / "r.md", tmp_path / "figs")
+    assert text.count("*Figure skipped: matplotlib is not installed") == 2
+    assert not (tmp_path / "figs").exists()
+    assert "| 0.5000 |" in _section(text, "Table 1") and "img e1" in _section(text, "Figure 4")
+
+
+def test_cli_writes_the_page_with_notes(tmp_path, capsys):
+    make_run(tmp_path / "runs", BASE_RUN, 0.5)
+    rc = report.main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out.md"), "--note", "hello"])
+    text = (tmp_path / "out.md").read_text()
+    assert rc == 0 and "## Notes\n\n- hello" in text and "python -m data_process.report --runs" in text
+    assert "wrote" in capsys.readouterr().out
+    assert all(t in text for t in ("## Table 1", "## Table 2", "## Iterative", "## Figure 3", "## Figure 4",
+                                   "## Runs"))
+    assert set(PAPER_TABLE1)  # the paper's numbers are data of the module

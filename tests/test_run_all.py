@@ -1,0 +1,337 @@
+"""run_all.sh and run.sh without training: the run list, --list, the skip/resume logic, the GPU
+scheduling and run.sh's translation of the official integer codes, with a fake ``python`` (and a
+fake ``nvidia-smi``) first on PATH that records its arguments instead of training."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import train
+from data_process.report import (
+    BASE_RUN,
+    DATASETS,
+    FIG3_DEFAULTS,
+    FIG3_PARAMS,
+    OFFICIAL_IL,
+    PAPER_TABLE1,
+    PAPER_TABLE2,
+    RATES,
+    TABLES,
+    load_run_list,
+)
+from utils import Config
+
+ROOT = Path(__file__).resolve().parents[1]
+SPECS = load_run_list(ROOT / "run_all.sh")
+BY_NAME = {s.name: s for s in SPECS}
+CODES = {"0": None, "1": "image", "2": "graph", "3": "rel_bow", "4": "rel_text", "5": "attr_bow",
+         "6": "attr_text", "7": "cl", "8": "al"}
+# Table 2's rows and the component each switches off.
+TABLE2_ROWS = {"w/o g": "graph", "w/o v": "image", "w/o r_b": "rel_bow", "w/o r_t": "rel_text",
+               "w/o a_b": "attr_bow", "w/o a_t": "attr_text", "w/o L_m^CL": "cl", "w/o L_m^AL": "al",
+               "w/o L_CLUB": "club", "w/o HMoE": "hmoe"}
+
+# Records "CUDA=<devices>\t<arg>\t<arg>..." and, like train.py, marks the run finished.
+FAKE_PYTHON = r"""#!/usr/bin/env bash
+out=runs; name=""
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+  case "${args[$i]}" in
+    --out_dir) out="${args[$((i + 1))]}" ;;
+    --run_name) name="${args[$((i + 1))]}" ;;
+  esac
+done
+(IFS=$'\t'; echo "CUDA=${CUDA_VISIBLE_DEVICES:-}"$'\t'"$*") >> "$FAKE_LOG"
+echo "start $name $(date +%s.%N)" >> "$FAKE_LOG.times"
+[ -n "${FAKE_SLEEP:-}" ] && sleep "$FAKE_SLEEP"
+echo "end $name $(date +%s.%N)" >> "$FAKE_LOG.times"
+[ "${FAKE_RC:-0}" != 0 ] && { echo "fake failure" >&2; exit "$FAKE_RC"; }
+[ -n "$name" ] && mkdir -p "$out/$name" && echo '{}' > "$out/$name/results.json"
+exit 0
+"""
+FAKE_NVIDIA_SMI = r"""#!/usr/bin/env bash
+for ((g = 0; g < ${FAKE_GPUS:-0}; g++)); do echo "GPU $g: Fake GPU (UUID: GPU-$g)"; done
+"""
+
+
+def _exe(path: Path, text: str) -> None:
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+@pytest.fixture
+def fake(tmp_path):
+    """Environment with the fakes first on PATH; .calls() parses what the fake python was given."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _exe(bin_dir / "python", FAKE_PYTHON)
+    _exe(bin_dir / "nvidia-smi", FAKE_NVIDIA_SMI)
+    log = tmp_path / "calls.log"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("CUDA_VISIBLE_DEVICES", "DATASET_OVERRIDE", "RUNS_DIR", "DATA_ROOT", "AL_LOSS",
+                        "CL_LOSS", "TAU_AL", "TAU_CL")}
+    env.update(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FAKE_LOG=str(log), DATA_ROOT=str(tmp_path / "data"))
+    for d in DATASETS:  # run.sh checks that the dataset folder exists
+        (tmp_path / "data" / d).mkdir(parents=True)
+
+    class Fake:
+        def __init__(self):
+            self.env, self.log, self.out = env, log, tmp_path / "runs"
+
+        def run(self, script, *args, extra_env=None, check=True):
+            res = subprocess.run(["bash", str(ROOT / script), *map(str, args)], env={**self.env, **(extra_env or {})},
+                                 capture_output=True, text=True, cwd=tmp_path, timeout=60)
+            if check and res.returncode != 0:
+                raise AssertionError(f"{script} {args} exited {res.returncode}:\n{res.stdout}\n{res.stderr}")
+            return res
+
+        def calls(self) -> list[tuple[str, list[str]]]:
+            if not self.log.exists():
+                return []
+            out = []
+            for line in self.log.read_text().splitlines():
+                cuda, *argv = line.split("\t")
+                out.append((cuda.removeprefix("CUDA="), argv))
+            return out
+
+    return Fake()
+
+
+def _flag(argv: list[str], name: str) -> str | None:
+    """Value of the last occurrence of --name (argparse's rule)."""
+    idx = [i for i, a in enumerate(argv) if a == name]
+    return argv[idx[-1] + 1] if idx else None
+
+
+# ---------------------------------------------------------------------------------------------
+# The run list.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_every_line_parses_with_table_row_and_expected_annotation():
+    assert len({s.name for s in SPECS}) == len(SPECS), "run names must be unique (they are folder names)"
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    for s in SPECS:
+        assert s.table in TABLES, s
+        assert s.row and s.expected, s
+        if s.table == "fig3":
+            assert s.expected == "plot-only", s
+        else:
+            assert 0 < s.expected_hits1 < 1, s
+        seed, dataset, rate, fwd, without = s.positional
+        assert int(seed) == 42 and dataset in DATASETS and float(rate) in RATES and int(fwd) >= 0, s
+        assert without in CODES or without in ("club", "hmoe"), s
+        flags = list(s.flags)
+        while flags:  # every flag is a Config field (train.py's flags) with a value, or a boolean
+            name = flags.pop(0).removeprefix("--")
+            assert name in fields, s
+            if not fields[name].metadata.get("boolean"):
+                type(fields[name].default)(flags.pop(0))
+        assert all(c.isalnum() or c in "._-" for c in s.name), s
+
+
+def test_table1_lines_are_the_paper_cells_with_the_official_fusion_dims():
+    t1 = [s for s in SPECS if s.table == "table1"]
+    assert {(s.dataset, s.rate) for s in t1} == set(PAPER_TABLE1)
+    for s in t1:
+        assert s.expected_hits1 == PAPER_TABLE1[(s.dataset, s.rate)][0]
+        fwd = {("FB15K_DB15K", 0.2): "512", ("FB15K_YAGO15K", 0.2): "128"}.get((s.dataset, s.rate), "0")
+        assert s.positional == ("42", s.dataset, str(s.rate), fwd, "0") and not s.flags
+    assert BY_NAME[BASE_RUN].table == "table1" and (BY_NAME[BASE_RUN].dataset, BY_NAME[BASE_RUN].rate) == (
+        "FB15K_DB15K", 0.2)
+
+
+def test_table2_lines_cover_every_ablation_with_the_right_code():
+    t2 = {s.row: s for s in SPECS if s.table == "table2"}
+    assert set(t2) == set(TABLE2_ROWS) == set(PAPER_TABLE2) - {"Ours"}
+    base = BY_NAME[BASE_RUN]
+    for row, s in t2.items():
+        assert s.expected_hits1 == PAPER_TABLE2[row][0]
+        assert s.positional[:4] == base.positional[:4] and not s.flags
+        name = CODES.get(s.without, s.without)  # the code as run.sh translates it
+        assert name == TABLE2_ROWS[row], row
+        if s.without in CODES:
+            assert row not in ("w/o L_CLUB", "w/o HMoE")  # the official codes stop at 8
+
+
+def test_iterative_lines_repeat_table1_with_il():
+    t1 = {(s.dataset, s.rate): s for s in SPECS if s.table == "table1"}
+    il = [s for s in SPECS if s.table == "il"]
+    assert {(s.dataset, s.rate) for s in il} == set(OFFICIAL_IL)
+    for s in il:
+        assert s.flags == ("--il",) and s.positional == t1[(s.dataset, s.rate)].positional
+        assert s.expected_hits1 == OFFICIAL_IL[(s.dataset, s.rate)][0]
+
+
+def test_fig3_lines_sweep_one_flag_each_around_the_defaults():
+    base = BY_NAME[BASE_RUN]
+    defaults = Config()
+    swept: dict[str, list[float]] = {}
+    for s in (s for s in SPECS if s.table == "fig3"):
+        param, value = s.fig3_point()
+        assert s.positional == base.positional and s.flags == (f"--{param}", s.flags[1])
+        assert float(s.flags[1]) == value
+        assert value != getattr(defaults, param), "the default point is the Table 1 run, not repeated"
+        swept.setdefault(param, []).append(value)
+    assert set(swept) == set(FIG3_PARAMS) == set(FIG3_DEFAULTS)
+    assert all(FIG3_DEFAULTS[p] == getattr(defaults, p) for p in FIG3_DEFAULTS)  # run.sh keeps these too
+    assert all(len(v) >= 4 for v in swept.values())
+    assert min(swept["tau_al"]) <= 0.1 and max(swept["tau_al"]) >= 8.0
+    assert min(swept["n_exp"]) == 1 and max(swept["n_exp"]) == 9
+    for p in ("al_loss", "cl_loss", "tau_cl"):
+        assert min(swept[p]) == 0.01 and max(swept[p] + [getattr(defaults, p)]) == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# run_all.sh itself.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_list_prints_one_annotated_command_per_line(fake):
+    lines = fake.run("run_all.sh", "--list").stdout.splitlines()
+    assert len(lines) == len(SPECS)
+    for line, s in zip(lines, SPECS):
+        cmd, comment = line.split("  # ")
+        assert cmd == f"bash run.sh {' '.join(s.args)} --run_name {s.name} --out_dir runs"
+        assert comment == f"{s.table} | {s.row} | paper Hits@1 {s.expected} | todo"
+    assert not fake.calls()
+
+
+def test_list_with_override_filter_and_pass_through(fake):
+    lines = fake.run("run_all.sh", "--list", "--only", "table2,il_yg_80", "--dataset-override", "default",
+                     "--out_dir", "x/y", "--epochs", "2").stdout.splitlines()
+    assert len(lines) == len(TABLE2_ROWS) + 1
+    for line in lines:
+        argv = line.split("  # ")[0].split()
+        assert argv[:2] == ["bash", "run.sh"] and argv[3] == "default"
+        # the pass-through flags come after the line's own flags; the run folder last
+        assert argv[-6:-3] == ["--epochs", "2", "--run_name"] and argv[-2:] == ["--out_dir", "x/y"]
+    env_lines = fake.run("run_all.sh", "--list", "--only", "fig3", extra_env={"DATASET_OVERRIDE": "default"})
+    assert all(l.split()[3] == "default" for l in env_lines.stdout.splitlines())
+    bad = fake.run("run_all.sh", "--list", "--only", "nothing", check=False)
+    assert bad.returncode == 2 and "no run matches" in bad.stderr
+    assert fake.run("run_all.sh", "--run_name", "x", check=False).returncode == 2
+
+
+def test_skips_finished_runs_and_resumes_interrupted_ones(fake):
+    out = fake.out
+    (out / "t1_db_20").mkdir(parents=True)
+    (out / "t1_db_20" / "results.json").write_text("{}")
+    (out / "t1_db_50").mkdir()
+    (out / "t1_db_50" / "checkpoint.pt").write_text("")  # interrupted after a checkpoint
+    listing = fake.run("run_all.sh", "--list", "--only", "table1", "--out_dir", out).stdout
+    assert "| done" in listing.splitlines()[0] and "| resume" in listing.splitlines()[1]
+
+    res = fake.run("run_all.sh", "--only", "table1", "--out_dir", out, "--no-report", "--epochs", "2")
+    calls = fake.calls()
+    names = [_flag(a, "--run_name") for _, a in calls]
+    assert names == ["t1_db_50", "t1_db_80", "t1_yg_20", "t1_yg_50", "t1_yg_80"]
+    assert "skip t1_db_20" in res.stdout
+    assert _flag(calls[0][1], "--resume") == f"{out}/t1_db_50"
+    assert all(_flag(a, "--resume") is None for _, a in calls[1:])
+    assert all(cuda == "" for cuda, _ in calls)  # no GPU: sequential, CUDA_VISIBLE_DEVICES untouched
+    assert (out / "t1_yg_80" / "command.txt").read_text().startswith("bash run.sh 42 FB15K_YAGO15K 0.8 0 0 ")
+    assert (out / "t1_yg_80" / "stdout.txt").exists()
+
+    again = fake.run("run_all.sh", "--only", "table1", "--out_dir", out, "--no-report")
+    assert len(fake.calls()) == len(calls) and "0 of 6 runs to do" in again.stdout
+
+
+def test_a_failed_run_is_reported_and_the_others_still_run(fake):
+    res = fake.run("run_all.sh", "--only", "il", "--out_dir", fake.out, "--no-report",
+                   extra_env={"FAKE_RC": "3"}, check=False)
+    assert res.returncode == 1
+    assert len(fake.calls()) == 6 and res.stdout.count("FAILED (exit 3)") == 6
+    assert "fake failure" in res.stdout and "il_db_20" in res.stderr
+
+
+def _max_overlap(times_file: Path) -> int:
+    events = []
+    for line in times_file.read_text().splitlines():
+        kind, _, t = line.split()
+        events.append((float(t), 1 if kind == "start" else -1))
+    level = peak = 0
+    for _, d in sorted(events, key=lambda e: (e[0], e[1])):
+        level += d
+        peak = max(peak, level)
+    return peak
+
+
+@pytest.mark.parametrize("gpu_env, expected", [({"FAKE_GPUS": "2"}, {"0", "1"}),
+                                               ({"CUDA_VISIBLE_DEVICES": "3,5"}, {"3", "5"})])
+def test_one_run_per_gpu_in_parallel(fake, gpu_env, expected):
+    res = fake.run("run_all.sh", "--only", "table1", "--out_dir", fake.out, "--no-report",
+                   extra_env={"FAKE_SLEEP": "0.4", **gpu_env})
+    calls = fake.calls()
+    assert sorted(_flag(a, "--run_name") for _, a in calls) == sorted(s.name for s in SPECS if s.table == "table1")
+    assert {cuda for cuda, _ in calls} == expected  # each job sees one GPU
+    assert _max_overlap(Path(str(fake.log) + ".times")) == 2
+    assert "parallel" in res.stdout
+
+
+def test_one_gpu_runs_sequentially_on_it(fake):
+    fake.run("run_all.sh", "--only", "t1_db_20,t1_db_50", "--out_dir", fake.out, "--no-report",
+             extra_env={"FAKE_GPUS": "1"})
+    assert [c for c, _ in fake.calls()] == ["0", "0"]
+    assert _max_overlap(Path(str(fake.log) + ".times")) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# run.sh: the official positional arguments and integer codes, translated once.
+# ---------------------------------------------------------------------------------------------
+
+
+def _train_argv(fake, *args, extra_env=None) -> list[str]:
+    before = len(fake.calls())
+    fake.run("run.sh", *args, extra_env=extra_env)
+    cuda, argv = fake.calls()[before]
+    assert argv[0] == "train.py"
+    return argv[1:]
+
+
+@pytest.mark.parametrize("code, name", sorted(CODES.items()))
+def test_run_sh_translates_the_official_codes(fake, code, name):
+    argv = _train_argv(fake, 42, "default", 0.2, 512, code, "--epochs", 2)
+    assert _flag(argv, "--without") == name
+    cfg = train.parse_args(argv)  # what train.py makes of it: the later --epochs wins
+    assert cfg.disabled == ({name} if name else set())
+    assert (cfg.seed, cfg.rate, cfg.fusion_weight_dim, cfg.epochs, cfg.file_dir) == (42, 0.2, 512, 2, "")
+    assert (cfg.lr, cfg.n_exp, cfg.tau_cl, cfg.tau_al, cfg.cl_loss, cfg.al_loss, cfg.mi_loss) == (
+        5e-4, 5, 0.1, 4.0, 1.0, 0.1, 1e-4)
+
+
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.table in ("table2", "fig3")], ids=lambda s: s.name)
+def test_every_table2_and_fig3_line_reaches_train_py_as_intended(fake, spec):
+    args = list(spec.args)
+    args[1] = "default"  # the dataset folders need not exist here
+    cfg = train.parse_args(_train_argv(fake, *args))
+    if spec.table == "table2":
+        assert cfg.disabled == {TABLE2_ROWS[spec.row]}
+    else:
+        param, value = spec.fig3_point()
+        assert getattr(cfg, param) == value and cfg.disabled == set()
+        assert (cfg.rate, cfg.fusion_weight_dim) == (0.2, 512)
+
+
+def test_run_sh_names_dataset_folder_ill_file_and_env_weights(fake, tmp_path):
+    argv = _train_argv(fake, 7, "FB15K_DB15K", 0.5, 0, "image,club", "pairs.tsv", "--il",
+                       extra_env={"DATA_ROOT": str(tmp_path / "data"), "AL_LOSS": "0.5", "TAU_CL": "0.05"})
+    cfg = train.parse_args(argv)
+    assert cfg.file_dir == f"{tmp_path}/data/FB15K_DB15K" and cfg.train_ill_path == "pairs.tsv" and cfg.il
+    assert cfg.disabled == {"image", "club"} and (cfg.al_loss, cfg.tau_cl, cfg.seed) == (0.5, 0.05, 7)
+
+
+def test_run_sh_rejects_unknown_codes_and_missing_folders(fake, tmp_path):
+    res = fake.run("run.sh", 42, "default", 0.2, 0, 9, check=False)
+    assert res.returncode != 0 and "unknown <without> code '9'" in res.stderr
+    res = fake.run("run.sh", 42, "FB15K_DB15K", 0.2, 0, 0, check=False,
+                   extra_env={"DATA_ROOT": str(tmp_path / "nowhere")})
+    assert res.returncode == 2 and "does not exist" in res.stderr
+    assert fake.run("run.sh", 42, "default", check=False).returncode == 2
+    assert not fake.calls()
