@@ -397,13 +397,14 @@ def main(cfg: Config) -> dict:
     log.info(kv(modalities=",".join(model.modalities), disabled=",".join(sorted(cfg.disabled)) or "none",
                 params=sum(p.numel() for p in model.parameters()), edges=inputs.graph.num_edges, device=device))
 
-    state = {"history": [], "pseudo_pairs": np.zeros((0, 2), dtype=np.int64), "config": config_dict(cfg),
-             "seconds": 0.0}
+    state = {"history": [], "pseudo_pairs": np.zeros((0, 2), dtype=np.int64), "pseudo_steps": [],
+             "config": config_dict(cfg), "seconds": 0.0}
     start = 0
     if ckpt is not None:
         restore(ckpt, model, club, opt, q_opt, gen)
         start = ckpt["epoch"]
-        state.update(history=ckpt["history"], pseudo_pairs=ckpt["pseudo_pairs"], seconds=ckpt["seconds"])
+        state.update(history=ckpt["history"], pseudo_pairs=ckpt["pseudo_pairs"], seconds=ckpt["seconds"],
+                     pseudo_steps=ckpt.get("pseudo_steps", []))
         log.info(kv(resumed_from=str(run), epoch=start, pseudo_pairs=len(state["pseudo_pairs"])))
     if eval_only:
         res = evaluate(model, inputs, split.test, cfg)
@@ -435,6 +436,7 @@ def main(cfg: Config) -> dict:
             new = pseudo_label_step(model, inputs, data, current, cfg)
             state["pseudo_pairs"] = np.concatenate([state["pseudo_pairs"], new])
             correct = pair_overlap(new, data.links)
+            state["pseudo_steps"].append({"epoch": epoch, "new": len(new), "correct": correct})  # for reports
             log.info(kv(epoch=epoch, pseudo_new=len(new), pseudo_total=len(state["pseudo_pairs"]),
                         pseudo_new_precision=correct / max(len(new), 1)))
         if epoch % cfg.check_point == 0 or epoch == cfg.total_epochs:
@@ -466,6 +468,7 @@ def main(cfg: Config) -> dict:
     extra = {"dataset": str(data_root), "run_dir": str(run), "modalities": list(model.modalities),
              "pairs": {"train": len(train_pairs), "valid": len(split.valid), "test": len(split.test),
                        "pseudo": len(state["pseudo_pairs"])},
+             **({"pseudo_steps": state["pseudo_steps"]} if cfg.il else {}),
              "train_seconds": round(state["seconds"], 2),
              "seconds_per_epoch": round(state["seconds"] / max(cfg.total_epochs, 1), 4),
              "data_notes": data.notes, **({"train_ill": leak} if leak else {})}

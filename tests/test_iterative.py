@@ -107,5 +107,9 @@ def test_iterative_run_end_to_end(tiny_synthetic, tmp_path):
     steps = [l for l in log.splitlines() if "pseudo_new=" in l]
     assert [int(l.split("epoch=")[1].split()[0]) for l in steps] == [5, 7]  # il_start 3, every 2 epochs
     assert sum(int(l.split("pseudo_new=")[1].split()[0]) for l in steps) == len(pseudo)
+    assert [step["epoch"] for step in res["pseudo_steps"]] == [5, 7]
+    assert sum(step["new"] for step in res["pseudo_steps"]) == len(pseudo)
+    gold = {(int(a), int(b)) for a, b in data.links}
+    assert sum(step["correct"] for step in res["pseudo_steps"]) == sum((int(a), int(b)) in gold for a, b in pseudo)
     history = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == list(range(1, 8))
