@@ -69,6 +69,8 @@ class HUMEA(nn.Module):
         self.experts = nn.ModuleDict({m: expert_cls(in_dims[m], d, d, cfg.n_exp) for m in self.modalities})
         fusion_cls = InterModalRouter if hierarchical else UniformFusion
         self.fusion = fusion_cls(len(self.modalities), d, cfg.fusion_weight_dim)
+        # Optional autocast dtype of the experts and the router (None = float32 throughout).
+        self.amp_dtype: torch.dtype | None = None
 
     def graph_embeddings(self, inputs: ModelInputs) -> torch.Tensor | None:
         """Eq. 1 over the whole graph (N, D); the GAT needs every node's neighbours."""
@@ -77,16 +79,33 @@ class HUMEA(nn.Module):
     def forward(self, ids: torch.Tensor, inputs: ModelInputs, graph_emb: torch.Tensor | None = None) -> Embeddings:
         """Embeddings of the entities ``ids`` (B,). The per-modality experts run on these rows only:
         every expert, gate and the router act on one entity at a time, so the rows equal those of a
-        full (N, .) computation (tests/test_model.py checks it) at a fraction of the cost."""
-        if graph_emb is None and "graph" in self.modalities:
-            graph_emb = self.graph_embeddings(inputs)
+        full (N, .) computation (tests/test_model.py checks it) at a fraction of the cost. Without
+        ``graph_emb`` (N, D) the GAT, too, computes only what these rows need."""
+        rows = {}
+        if "graph" in self.modalities:
+            if graph_emb is None:
+                targets, inverse = torch.unique(ids, return_inverse=True)
+                rows["graph"] = self.graph_encoder(inputs.graph, targets)[inverse]  # (B, D)
+            else:
+                rows["graph"] = graph_emb[ids]  # (B, D)
         unimodal, experts, gates = {}, {}, {}
-        for m in self.modalities:
-            x = graph_emb[ids] if m == "graph" else inputs.features[m][ids]  # (B, F)
-            mixed, experts[m], gates[m] = self.experts[m](x)  # (B, D), (B, K, D), (B, K)
-            unimodal[m] = F.normalize(mixed, dim=-1)
-        fused, weights = self.fusion([unimodal[m] for m in self.modalities])  # (B, M*D), (B, M)
+        with self._autocast(ids.device):
+            for m in self.modalities:
+                x = rows[m] if m == "graph" else inputs.features[m][ids]  # (B, F)
+                mixed, experts[m], gates[m] = self.experts[m](x)  # (B, D), (B, K, D), (B, K)
+                unimodal[m] = F.normalize(mixed.float(), dim=-1)
+            fused, weights = self.fusion([unimodal[m] for m in self.modalities])  # (B, M*D), (B, M)
+        if self.amp_dtype is not None:  # the losses and CSLS read float32
+            experts = {m: e.float() for m, e in experts.items()}
+            gates = {m: g.float() for m, g in gates.items()}
+            fused, weights = fused.float(), weights.float()
         return Embeddings(unimodal, experts, gates, weights, fused)
+
+    def _autocast(self, device: torch.device):
+        """Mixed precision of the expert and router matmuls when ``amp_dtype`` is set (e.g.
+        torch.bfloat16 on a GPU); the GAT, the losses and the evaluation stay float32."""
+        return torch.autocast(device_type=device.type, dtype=self.amp_dtype or torch.bfloat16,
+                              enabled=self.amp_dtype is not None)
 
     @torch.no_grad()
     def embed(self, ids: np.ndarray, inputs: ModelInputs, chunk: int = 8192, keep_experts: bool = False) -> Embeddings:
