@@ -567,7 +567,7 @@ def write_pair_file(path: Path, pairs: np.ndarray) -> None:
 # then ranks) and memory stays O(chunk x C).
 SIMILARITY_KEEP_ENTRIES = 2**28
 # Rows per slice of the element-wise ranking work: a (256, 10k) float32 slice (10 MB) stays in the
-# last-level cache between its subtract, compare and count passes (~4x faster than 4096-row slices).
+# last-level cache between its subtract, sign and sum passes (~4x faster than 4096-row slices).
 _SLICE_ROWS = 256
 
 
