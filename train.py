@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from loss import CLUBDisentanglement, contrastive_alignment_loss, total_loss, unimodal_distillation_loss
+from loss import CLUBDisentanglement, batch_alignment_losses, total_loss
 from model import HUMEA, ModelInputs
 from utils import (
     Config,
@@ -110,24 +110,33 @@ def train_epoch(model: HUMEA, club: CLUBDisentanglement | None, inputs: ModelInp
     model.train()
     dev = inputs.graph.src.device
     ents = np.unique(pairs)
-    row = dict(zip(ents.tolist(), range(len(ents))))
     if club is not None:
         club.requires_grad_(False)  # Q_m is fitted by its own optimiser below, not by this loss
     out = model(torch.as_tensor(ents, device=dev), inputs)
     fused_cl = 0.0
     uni_cl = {m: 0.0 for m in model.modalities} if "cl" not in cfg.disabled else {}
     distill = {m: 0.0 for m in model.modalities} if "al" not in cfg.disabled else {}
-    for batch in loss_batches(pairs, cfg.bsize, gen):  # losses of all batches are summed
-        r1 = torch.as_tensor([row[e] for e in batch[:, 0]], device=dev)
-        r2 = torch.as_tensor([row[e] for e in batch[:, 1]], device=dev)
-        z1, z2 = out.fused[r1], out.fused[r2]
-        fused_cl = fused_cl + contrastive_alignment_loss(z1, z2, cfg.tau_cl)  # Eq. 13-14
+    batches = loss_batches(pairs, cfg.bsize, gen)
+    sizes, both = [len(b) for b in batches], np.concatenate(batches)  # (P, 2) in batch order
+    rows1 = torch.as_tensor(np.searchsorted(ents, both[:, 0]), device=dev)
+    rows2 = torch.as_tensor(np.searchsorted(ents, both[:, 1]), device=dev)
+    # One gather per embedding for all batches, cut into per-batch views: the backward then joins the
+    # batch gradients once instead of scattering each batch into a full-size zero tensor.
+    def side(x, rows):
+        return x[rows].split(sizes)
+
+    fused1, fused2 = side(out.fused, rows1), side(out.fused, rows2)
+    uni1 = {m: side(out.unimodal[m], rows1) for m in model.modalities}
+    uni2 = {m: side(out.unimodal[m], rows2) for m in model.modalities}
+    for i in range(len(batches)):  # losses of all batches are summed
+        f_cl, m_cl, m_al = batch_alignment_losses(
+            fused1[i], fused2[i], {m: u[i] for m, u in uni1.items()}, {m: u[i] for m, u in uni2.items()},
+            cfg.tau_cl, cfg.tau_al, unimodal_cl=bool(uni_cl), distill=bool(distill))  # Eq. 13-16
+        fused_cl = fused_cl + f_cl
         for m in uni_cl:
-            uni_cl[m] = uni_cl[m] + contrastive_alignment_loss(out.unimodal[m][r1], out.unimodal[m][r2],
-                                                               cfg.tau_cl)  # Eq. 15
+            uni_cl[m] = uni_cl[m] + m_cl[m]
         for m in distill:
-            distill[m] = distill[m] + unimodal_distillation_loss(out.unimodal[m][r1], out.unimodal[m][r2],
-                                                                 z1, z2, cfg.tau_al)  # Eq. 16
+            distill[m] = distill[m] + m_al[m]
     club_term = torch.zeros((), device=dev)
     if club is not None:
         rows = torch.randperm(len(ents), generator=gen)[:cfg.club_bsize].to(dev)

@@ -147,26 +147,28 @@ def _assert_clean_stop(run: Path, err: str, term: str, epoch: int, kept_epoch: i
 def test_nan_loss_term_stops_with_its_name_and_epoch(tiny_synthetic, tmp_path, monkeypatch, capsys):
     """A distillation loss that turns NaN at epoch 5: exit code 3, a message naming the term and
     the epoch, the epoch-4 checkpoint intact; the run then resumes from it once the fault is gone."""
-    real_epoch, real_distill = train.train_epoch, train.unimodal_distillation_loss
+    real_epoch, real_batch = train.train_epoch, train.batch_alignment_losses
     now = {}
 
     def spy_epoch(*args):
         now["epoch"] = args[-1]
         return real_epoch(*args)
 
-    def faulty_distill(*args):
-        value = real_distill(*args)
-        return value * float("nan") if now["epoch"] >= 5 else value
+    def faulty_batch(*args, **kwargs):
+        fused_cl, uni_cl, distill = real_batch(*args, **kwargs)
+        if now["epoch"] >= 5:
+            distill = {m: value * float("nan") for m, value in distill.items()}
+        return fused_cl, uni_cl, distill
 
     monkeypatch.setattr(train, "train_epoch", spy_epoch)
-    monkeypatch.setattr(train, "unimodal_distillation_loss", faulty_distill)
+    monkeypatch.setattr(train, "batch_alignment_losses", faulty_batch)
     out = tmp_path / "runs"
     rc = train.cli(_args(tiny_synthetic, out, "nan", "--epochs", "10", "--save_every", "2"))
     assert rc == 3
     run = out / "nan"
     _assert_clean_stop(run, capsys.readouterr().err, "distill", 5, 4)
 
-    monkeypatch.setattr(train, "unimodal_distillation_loss", real_distill)
+    monkeypatch.setattr(train, "batch_alignment_losses", real_batch)
     assert train.cli(["--resume", str(run)]) == 0
     assert json.loads((run / "results.json").read_text())["last_epoch"]["epoch"] == 10
 
