@@ -69,8 +69,8 @@ class HUMEA(nn.Module):
         self.experts = nn.ModuleDict({m: expert_cls(in_dims[m], d, d, cfg.n_exp) for m in self.modalities})
         fusion_cls = InterModalRouter if hierarchical else UniformFusion
         self.fusion = fusion_cls(len(self.modalities), d, cfg.fusion_weight_dim)
-        # Optional autocast dtype of the experts and the router (None = float32 throughout).
-        self.amp_dtype: torch.dtype | None = None
+        # Autocast dtype of the experts and the router (--amp; None = float32 throughout).
+        self.amp_dtype: torch.dtype | None = {"none": None, "bf16": torch.bfloat16}[cfg.amp]
 
     def graph_embeddings(self, inputs: ModelInputs) -> torch.Tensor | None:
         """Eq. 1 over the whole graph (N, D); the GAT needs every node's neighbours."""

@@ -41,6 +41,7 @@ from utils import (
     mutual_nearest_pairs,
     pair_overlap,
     read_pair_file,
+    release_free_heap,
     set_seed,
     split_links,
     write_pair_file,
@@ -165,6 +166,7 @@ def train_epoch(model: HUMEA, club: CLUBDisentanglement | None, inputs: ModelInp
 
 
 def evaluate(model: HUMEA, inputs: ModelInputs, pairs: np.ndarray, cfg: Config, with_predictions=False):
+    release_free_heap()  # the freed memory of the training epochs, before the evaluation's own peak
     ids = np.unique(pairs)
     emb = model.embed(ids, inputs).fused
     return evaluate_alignment(emb, pairs, ids=ids, csls_k=cfg.csls_k, use_csls=cfg.csls,
@@ -178,6 +180,7 @@ def pseudo_label_step(model: HUMEA, inputs: ModelInputs, data, train_pairs: np.n
     aligned[train_pairs.ravel()] = True
     left = np.nonzero((data.kg == 0) & ~aligned)[0]
     right = np.nonzero((data.kg == 1) & ~aligned)[0]
+    release_free_heap()
     emb = model.embed(np.concatenate([left, right]), inputs).fused
     return mutual_nearest_pairs(emb[:len(left)], emb[len(left):], left, right, cfg.csls_k, cfg.eval_chunk)
 

@@ -178,9 +178,11 @@ def test_real_command_line(earlier, make_toy):
     assert tree_state(earlier) == before
 
 
-def test_unparsable_flag_value_is_a_usage_error(earlier, capsys):
+@pytest.mark.parametrize("flags, phrase", [(["--rate", "abc"], "invalid float value: 'abc'"),
+                                           (["--amp", "fp8"], "invalid choice: 'fp8'")])
+def test_unparsable_flag_value_is_a_usage_error(flags, phrase, earlier, capsys):
     before = tree_state(earlier)
     with pytest.raises(SystemExit) as info:
-        train.cli(["--out_dir", str(earlier), "--rate", "abc"])
-    assert info.value.code == 2 and "invalid float value: 'abc'" in capsys.readouterr().err
+        train.cli(["--out_dir", str(earlier), *flags])
+    assert info.value.code == 2 and phrase in capsys.readouterr().err
     assert tree_state(earlier) == before

@@ -217,7 +217,9 @@ def test_bf16_autocast_gives_float32_outputs_close_to_float32(tiny_data):
     model = HUMEA(cfg, inputs)
     ids = torch.arange(20)
     ref = model(ids, inputs)
-    model.amp_dtype = torch.bfloat16
+    torch.manual_seed(0)
+    model = HUMEA(Config(hidden_units="16,16,16", n_exp=3, device="cpu", amp="bf16"), inputs)  # --amp bf16
+    assert model.amp_dtype == torch.bfloat16
     got = model(ids, inputs)
     for m in model.modalities:
         assert got.unimodal[m].dtype == torch.float32 and got.experts[m].dtype == torch.float32
@@ -226,3 +228,8 @@ def test_bf16_autocast_gives_float32_outputs_close_to_float32(tiny_data):
     torch.testing.assert_close(got.weights, ref.weights, rtol=0, atol=0.02)
     got.fused.sum().backward()  # gradients flow through the autocast region
     assert model.experts["image"].first.weight.grad is not None
+
+
+def test_amp_must_be_a_known_dtype():
+    with pytest.raises(utils.DataError, match="--amp must be one of none, bf16, got 'fp16'"):
+        Config(amp="fp16", device="cpu").validate()

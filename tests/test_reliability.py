@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import platform
 import signal
 import subprocess
 import sys
@@ -17,11 +18,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from test_cli import tree_state
 
 import train
-from utils import load_dataset, split_links
+from utils import load_dataset, release_free_heap, split_links
 
 ROOT = Path(__file__).resolve().parents[1]
 # One thread everywhere: the in-process reference and the subprocesses then run the same kernels
@@ -203,3 +205,27 @@ def test_train_ill_path_of_gold_test_pairs_is_reported_loudly(tiny_synthetic, tm
     info = json.loads((out / "clean" / "results.json").read_text())["train_ill"]
     assert info["gold_test_pairs"] == 0 and "warning" not in info
     assert "WARNING" not in (out / "clean" / "log.txt").read_text()
+
+
+def _rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS line in /proc/self/status")
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or not Path("/proc/self/status").exists(),
+                    reason="needs glibc and /proc (Linux)")
+def test_release_free_heap_gives_freed_tensor_memory_back():
+    """256 MiB of freed 1 MiB tensors below a live one stay resident (glibc keeps them for reuse)
+    until release_free_heap, which train.evaluate calls before the evaluation's own peak."""
+    for _ in range(3):
+        big = torch.ones(2 << 20)  # 8 MiB, freed: raises glibc's dynamic mmap threshold above 1 MiB
+        del big
+    held = [torch.ones(1 << 18) for _ in range(256)]  # 256 x 1 MiB, now on the heap
+    pin = torch.ones(1 << 18)  # a live block above them: free() alone cannot shrink the heap
+    del held
+    freed = _rss_mib()
+    assert release_free_heap() is True
+    assert _rss_mib() < freed - 200, (freed, _rss_mib())
+    assert pin.sum() == 1 << 18
