@@ -68,6 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="autocast dtype of the expert and router matmuls (model.HUMEA.amp_dtype); "
                         "losses and CSLS stay float32")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation phase")
+    p.add_argument("--bf16-screen", action="store_true",
+                   help="after the evaluation, measure whether a bf16 matmul could screen the ranking "
+                        "exactly: its time, its error and the share of entries too close to call")
     p.add_argument("--profile", default="", help="write a torch.profiler table of one epoch to this file")
     p.add_argument("--seed", type=int, default=42, help="seed of the split and the model")
     return p.parse_args(argv)
@@ -252,14 +255,56 @@ def main(args) -> dict:
             lambda: evaluate_alignment(emb, test, ids=ids, csls_k=cfg.csls_k, use_csls=cfg.csls,
                                        chunk=cfg.eval_chunk), args.warmup, args.repeats)
         timings.update(eval=t_eval, embed=t_embed, align=t_align)
+        if args.bf16_screen:
+            result["bf16_screen"] = bf16_screen(emb, test, ids, args.repeats)
         memory.update(eval=m_eval, align=m_align)
         result["test_metrics"] = {k: round(v, 5) for k, v in res["avg"].items()}
     result["seconds"] = {k: round(statistics.median(v), 4) for k, v in timings.items()}
     result["seconds_all"] = {k: [round(x, 4) for x in v] for k, v in timings.items()}
     result["memory"] = memory
-    result["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
+    # Each phase resets the kernel's peak counter, so the process peak is the largest phase peak.
+    result["peak_rss_gib"] = max(m["peak_rss_gib"] for m in memory.values())
     result["load_1min"] = {"before": round(load_before, 2), "after": round(load_1min(), 2)}
     return result
+
+
+def bf16_screen(emb, pairs, ids, repeats: int) -> dict:
+    """Could a bf16 matmul screen the CSLS ranking, with float32 only for the candidates it cannot
+    decide? The test cosines S (gold on the diagonal) in float32 and in bf16, timed; the largest
+    error; and the share of entries within the provable margin of their row's gold cosine, i.e.
+    the entries that would need float32 (with exact r terms: 2 x the per-entry error bound)."""
+    import numpy as np
+    import torch
+
+    def rows(side):
+        return torch.nn.functional.normalize(emb[torch.as_tensor(np.searchsorted(ids, pairs[:, side]))], dim=1)
+
+    left, right = rows(0), rows(1)
+
+    def product(a, b):
+        return torch.cat([a[s:s + 2048] @ b.t() for s in range(0, a.shape[0], 2048)])
+
+    def timed(a, b):
+        times = []
+        for _ in range(max(repeats, 1)):
+            tic = time.perf_counter()
+            out = product(a, b)
+            times.append(time.perf_counter() - tic)
+        return out, statistics.median(times)
+
+    exact, t32 = timed(left, right)
+    screen, t16 = timed(left.bfloat16(), right.bfloat16())
+    err = (exact - screen.float()).abs()
+    dim = left.shape[1]
+    u = 2.0**-9  # unit roundoff of bf16
+    # |bf16 result - exact| <= inputs rounded (2u + u^2) + float32 sums (dim 2^-24) + output rounded (u |S| <= u)
+    bound = (2 * u + u * u) + dim * 2.0**-24 + u
+    margin = 2 * bound
+    gold = exact.diagonal()[:, None]
+    close = ((exact - gold).abs() <= margin).double().mean()
+    return {"fp32_matmul_s": round(t32, 3), "bf16_matmul_s": round(t16, 3), "max_abs_err": round(float(err.max()), 5),
+            "mean_abs_err": round(float(err.mean()), 6), "margin": round(margin, 5),
+            "share_to_recompute": round(float(close), 5)}
 
 
 def table(r: dict) -> str:
@@ -277,6 +322,8 @@ def table(r: dict) -> str:
             lines.append(f"{name:26s} {r['seconds'][key]:9.3f}  {'' if peak is None else f'{peak:8.2f}'}  "
                          f"{len(r['seconds_all'][key])}")
     lines.append(f"process peak RSS: {r['peak_rss_gib']:.2f} GiB")
+    if "bf16_screen" in r:
+        lines.append("bf16 screen of the ranking: " + ", ".join(f"{k} {v}" for k, v in r["bf16_screen"].items()))
     return "\n".join(lines)
 
 
