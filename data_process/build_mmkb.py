@@ -97,9 +97,9 @@ def _require_file(path: Path, what: str) -> Path:
     return path
 
 
-def read_entity_triples(path: Path) -> list[tuple[str, str, str]]:
-    """`head relation tail .` lines (4 whitespace-separated fields, the last one a '.')."""
-    out = []
+def _dotted_lines(path: Path, expected: str):
+    """(line number, fields) of each non-blank line of a file of `a b c .` lines: 4
+    whitespace-separated fields, the last one a '.'; BuildError naming the file and line otherwise."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             fields = line.split()
@@ -108,31 +108,24 @@ def read_entity_triples(path: Path) -> list[tuple[str, str, str]]:
             if len(fields) != 4 or fields[3] != ".":
                 got = f"got {len(fields)} fields" if len(fields) != 4 else f"got {fields[3]!r} as the 4th field"
                 raise BuildError(
-                    f"{path.name} line {lineno}: expected 'head relation tail .' (4 whitespace-separated fields), {got}"
+                    f"{path.name} line {lineno}: expected {expected} (4 whitespace-separated fields), {got}"
                 )
-            out.append((fields[0], fields[1], fields[2]))
-    return out
+            yield lineno, fields
+
+
+def read_entity_triples(path: Path) -> list[tuple[str, str, str]]:
+    """`head relation tail .` lines."""
+    return [(h, r, t) for _, (h, r, t, _) in _dotted_lines(path, "'head relation tail .'")]
 
 
 def read_sameas_links(path: Path) -> list[tuple[str, str]]:
     """`kg1_entity <SameAs> kg2_entity .` lines."""
+    expected = "'fb_entity <SameAs> kg2_entity .'"
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) != 4 or fields[3] != "." or "sameas" not in fields[1].lower():
-                got = (
-                    f"got {len(fields)} fields"
-                    if len(fields) != 4
-                    else f"got {fields[1]!r} as the predicate and {fields[3]!r} as the 4th field"
-                )
-                raise BuildError(
-                    f"{path.name} line {lineno}: expected 'fb_entity <SameAs> kg2_entity .' "
-                    f"(4 whitespace-separated fields), {got}"
-                )
-            out.append((fields[0], fields[2]))
+    for lineno, (left, predicate, right, _) in _dotted_lines(path, expected):
+        if "sameas" not in predicate.lower():
+            raise BuildError(f"{path.name} line {lineno}: expected {expected}, got {predicate!r} as the predicate")
+        out.append((left, right))
     return out
 
 

@@ -215,6 +215,7 @@ def test_yago_format(tmp_path):
             "expected 'fb_entity <SameAs> kg2_entity .'",
             "predicate",
         ),
+        ("DB15K_SameAsLink.txt", "/m/a <SameAs> <b>", "expected 'fb_entity <SameAs> kg2_entity .'", "got 3 fields"),
         (
             "DB15K_NumericalTriples.txt",
             "<a>\tgross",
