@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from layers import GraphStructureEncoder, InterModalRouter, IntraModalMoE, LinearProjection, SparseGraph, UniformFusion
-from utils import MMKG, MODALITIES, Config
+from utils import AMP_DTYPES, MMKG, MODALITIES, Config
 
 
 @dataclass
@@ -70,7 +70,7 @@ class HUMEA(nn.Module):
         fusion_cls = InterModalRouter if hierarchical else UniformFusion
         self.fusion = fusion_cls(len(self.modalities), d, cfg.fusion_weight_dim)
         # Autocast dtype of the experts and the router (--amp; None = float32 throughout).
-        self.amp_dtype: torch.dtype | None = {"none": None, "bf16": torch.bfloat16}[cfg.amp]
+        self.amp_dtype: torch.dtype | None = AMP_DTYPES[cfg.amp]
 
     def graph_embeddings(self, inputs: ModelInputs) -> torch.Tensor | None:
         """Eq. 1 over the whole graph (N, D); the GAT needs every node's neighbours."""

@@ -121,9 +121,10 @@ def train_epoch(model: HUMEA, club: CLUBDisentanglement | None, inputs: ModelInp
     sizes, both = [len(b) for b in batches], np.concatenate(batches)  # (P, 2) in batch order
     rows1 = torch.as_tensor(np.searchsorted(ents, both[:, 0]), device=dev)
     rows2 = torch.as_tensor(np.searchsorted(ents, both[:, 1]), device=dev)
-    # One gather per embedding for all batches, cut into per-batch views: the backward then joins the
-    # batch gradients once instead of scattering each batch into a full-size zero tensor.
+
     def side(x, rows):
+        # One gather per embedding for all batches, cut into per-batch views: the backward then joins
+        # the batch gradients once instead of scattering each batch into a full-size zero tensor.
         return x[rows].split(sizes)
 
     fused1, fused2 = side(out.fused, rows1), side(out.fused, rows2)

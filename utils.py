@@ -44,7 +44,7 @@ class DataError(ValueError):
 # ---------------------------------------------------------------------------------------------
 
 
-AMP_DTYPES = ("none", "bf16")  # --amp choices; model.HUMEA maps them to autocast dtypes
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16}  # --amp: autocast dtype of the experts and router
 
 
 def _flag(default, help, **extra):
@@ -95,7 +95,7 @@ class Config:
     eval_chunk: int = _flag(4096, "query rows per block of the evaluation's cosine matrix; the matrix "
                                     "is kept whole up to 2^28 entries (1 GiB), larger ones use O(chunk x C)")
     amp: str = _flag("none", "mixed precision of the expert and router matmuls: none (float32) or bf16 "
-                             "(autocast; the GAT, the losses and CSLS stay float32)", choices=AMP_DTYPES)
+                             "(autocast; the GAT, the losses and CSLS stay float32)", choices=tuple(AMP_DTYPES))
 
     @property
     def hidden(self) -> int:
@@ -569,6 +569,9 @@ def write_pair_file(path: Path, pairs: np.ndarray) -> None:
 # Evaluation: one cosine matrix per call, computed in row blocks; rankings in cache-sized slices.
 # ---------------------------------------------------------------------------------------------
 
+_MALLOC_TRIM = None  # glibc's malloc_trim, looked up on first use (False: not available)
+
+
 def release_free_heap() -> bool:
     """Give the free pages of the C heap back to the operating system (glibc's malloc_trim).
 
@@ -584,9 +587,6 @@ def release_free_heap() -> bool:
         except (AttributeError, OSError, TypeError):
             _MALLOC_TRIM = False
     return bool(_MALLOC_TRIM and _MALLOC_TRIM(0) >= 0)
-
-
-_MALLOC_TRIM = None
 
 
 # The cosine matrix S (L x C) is computed in blocks of ``chunk`` rows and kept while it has at most
