@@ -194,11 +194,12 @@ def test_fig3_lines_sweep_one_flag_each_around_the_defaults():
 
 
 def test_list_prints_one_annotated_command_per_line(fake):
-    lines = fake.run("run_all.sh", "--list").stdout.splitlines()
+    # An empty runs folder of the test's own: the repository's runs/ may hold finished runs ("done").
+    lines = fake.run("run_all.sh", "--list", extra_env={"RUNS_DIR": str(fake.out)}).stdout.splitlines()
     assert len(lines) == len(SPECS)
     for line, s in zip(lines, SPECS):
         cmd, comment = line.split("  # ")
-        assert cmd == f"bash run.sh {' '.join(s.args)} --run_name {s.name} --out_dir runs"
+        assert cmd == f"bash run.sh {' '.join(s.args)} --run_name {s.name} --out_dir {fake.out}"
         assert comment == f"{s.table} | {s.row} | paper Hits@1 {s.expected} | todo"
     assert not fake.calls()
 
