@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -569,7 +570,13 @@ def write_pair_file(path: Path, pairs: np.ndarray) -> None:
 # Evaluation: one cosine matrix per call, computed in row blocks; rankings in cache-sized slices.
 # ---------------------------------------------------------------------------------------------
 
-_MALLOC_TRIM = None  # glibc's malloc_trim, looked up on first use (False: not available)
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None where the C library has none."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError, TypeError):
+        return None
 
 
 def release_free_heap() -> bool:
@@ -580,13 +587,8 @@ def release_free_heap() -> bool:
     its own peak on top of that. Called before each evaluation (not after every epoch: giving the
     pages back and faulting them in again slows an epoch by ~20%). Returns False where there is
     no glibc (macOS, musl, Windows): a no-op there."""
-    global _MALLOC_TRIM
-    if _MALLOC_TRIM is None:
-        try:
-            _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim
-        except (AttributeError, OSError, TypeError):
-            _MALLOC_TRIM = False
-    return bool(_MALLOC_TRIM and _MALLOC_TRIM(0) >= 0)
+    trim = _malloc_trim()
+    return trim is not None and trim(0) >= 0
 
 
 # The cosine matrix S (L x C) is computed in blocks of ``chunk`` rows and kept while it has at most

@@ -256,7 +256,7 @@ def main(args) -> dict:
                                        chunk=cfg.eval_chunk), args.warmup, args.repeats)
         timings.update(eval=t_eval, embed=t_embed, align=t_align)
         if args.bf16_screen:
-            result["bf16_screen"] = bf16_screen(emb, test, ids, args.repeats)
+            result["bf16_screen"] = bf16_screen(phase, emb, test, ids, args.repeats)
         memory.update(eval=m_eval, align=m_align)
         result["test_metrics"] = {k: round(v, 5) for k, v in res["avg"].items()}
     result["seconds"] = {k: round(statistics.median(v), 4) for k, v in timings.items()}
@@ -268,7 +268,7 @@ def main(args) -> dict:
     return result
 
 
-def bf16_screen(emb, pairs, ids, repeats: int) -> dict:
+def bf16_screen(phase: Phase, emb, pairs, ids, repeats: int) -> dict:
     """Could a bf16 matmul screen the CSLS ranking, with float32 only for the candidates it cannot
     decide? The test cosines S (gold on the diagonal) in float32 and in bf16, timed; the largest
     error; and the share of entries within the provable margin of their row's gold cosine, i.e.
@@ -281,15 +281,9 @@ def bf16_screen(emb, pairs, ids, repeats: int) -> dict:
 
     left, right = rows(0), rows(1)
 
-    def product(a, b):
-        return torch.cat([a[s:s + 2048] @ b.t() for s in range(0, a.shape[0], 2048)])
-
     def timed(a, b):
-        times = []
-        for _ in range(max(repeats, 1)):
-            tic = time.perf_counter()
-            out = product(a, b)
-            times.append(time.perf_counter() - tic)
+        out, times, _ = phase.run(lambda: torch.cat([a[s:s + 2048] @ b.t() for s in range(0, a.shape[0], 2048)]),
+                                  0, max(repeats, 1))
         return out, statistics.median(times)
 
     exact, t32 = timed(left, right)
