@@ -331,25 +331,25 @@ def test_parse_args_defaults_and_help():
 
 @pytest.mark.skipif(not REAL_MMKB.is_dir(), reason=f"raw MMKB files not found at {REAL_MMKB}")
 def test_real_fb15k_db15k(tmp_path):
-    """The reconstructed raw FB15K/DB15K (about 5 s with --no_text)."""
+    """The raw FB15K/DB15K: the complete FB15k graph (592,213 triples; about 5 s with --no_text)."""
     stats = build(BuildConfig(mmkb=REAL_MMKB, dataset="FB15K_DB15K", out=tmp_path, no_text=True))
     k1, k2 = stats["kgs"]
-    assert (k1["entities"], k1["entities_in_triples"], k1["isolated_linked_entities"]) == (14_861, 14_787, 74)
+    assert (k1["entities"], k1["entities_in_triples"], k1["isolated_linked_entities"]) == (14_951, 14_951, 0)
     assert (k2["entities"], k2["entities_in_triples"], k2["isolated_linked_entities"]) == (12_842, 12_842, 0)
-    assert (k1["triples"], k2["triples"]) == (381_186, 99_028)
-    assert (k1["unique_triples"], k2["unique_triples"]) == (381_186, 89_197)
-    assert (k1["relations"], k2["relations"]) == (1_056, 279)
+    assert (k1["triples"], k2["triples"]) == (592_213, 99_028)
+    assert (k1["unique_triples"], k2["unique_triples"]) == (592_213, 89_197)
+    assert (k1["relations"], k2["relations"]) == (1_345, 279)
     assert stats["links"]["links"] == 12_846
-    assert stats["links"]["links_both_ends_in_triples"] == 12_772
+    assert stats["links"]["links_both_ends_in_triples"] == 12_846
     assert stats["links"]["kg2_entities_linked_more_than_once"] == 4
     d = tmp_path / "FB15K_DB15K"
     for name, n in [
-        ("ent_ids_1", 14_861),
+        ("ent_ids_1", 14_951),
         ("ent_ids_2", 12_842),
-        ("triples_1", 381_186),
+        ("triples_1", 592_213),
         ("triples_2", 99_028),
         ("ill_ent_ids", 12_846),
-        ("rel_names", 1_335),
+        ("rel_names", 1_624),
     ]:
         with open(d / name, encoding="utf-8") as f:
             assert sum(1 for _ in f) == n, name
