@@ -261,12 +261,23 @@ class IntraModalMoE(nn.Module):
         Eq. 6  h' = sum_k g_k FFN_k(h)
         Eq. 7  g = softmax(h w3 + b3)
 
+    With ``input_norm`` (the default) h is first layer-normalised (no affine parameters). The paper
+    leaves the scale of h open, and it decides whether the experts see the entity at all: the GAT
+    output has norm ~0.01 and text rows ~7, while torch's initial biases are ~0.03 per unit. On
+    small inputs every FFN_k(h) is then nearly its bias path, the same vector for every entity
+    (mean pairwise cosine 1.000 for the graph at initialisation on FB15K-DB15K) and learning
+    starts ten times slower (docs/accuracy.md). Layer normalisation gives every input unit scale.
+
     The K first layers are one (F, K*D) matmul, the K second layers one batched matmul.
     """
 
-    def __init__(self, in_dim: int, hidden: int, out_dim: int, num_experts: int):
+    def __init__(self, in_dim: int, hidden: int, out_dim: int, num_experts: int, input_norm: bool = True,
+                 dropout: float = 0.0, residual: bool = False):
         super().__init__()
-        self.num_experts, self.hidden = num_experts, hidden
+        if residual and in_dim != out_dim:
+            raise ValueError(f"a residual MoE needs equal input and output sizes, got {in_dim} and {out_dim}")
+        self.num_experts, self.hidden, self.input_norm, self.dropout = num_experts, hidden, input_norm, dropout
+        self.residual = residual
         self.first = nn.Linear(in_dim, num_experts * hidden)  # W1, b1 of all experts
         bound = 1.0 / math.sqrt(hidden)
         self.second_w = nn.Parameter(torch.empty(num_experts, hidden, out_dim).uniform_(-bound, bound))
@@ -275,10 +286,49 @@ class IntraModalMoE(nn.Module):
 
     def forward(self, x: torch.Tensor):
         """x: (B, F) -> (mixture (B, D), expert outputs (B, K, D), gate (B, K))."""
+        if self.input_norm:
+            x = F.layer_norm(x, x.shape[-1:])
         hid = F.relu(self.first(x)).view(x.shape[0], self.num_experts, self.hidden)  # (B, K, D_hid)
+        hid = F.dropout(hid, self.dropout, self.training)
         experts = torch.einsum("bkh,khd->bkd", hid, self.second_w) + self.second_b  # (B, K, D)
         gate = torch.softmax(self.gate(x), dim=-1)  # (B, K)
+        mixed = torch.einsum("bk,bkd->bd", gate, experts)
+        return (x + mixed if self.residual else mixed), experts, gate
+
+
+class LinearNoisyMoE(nn.Module):
+    """The official code's intra-modal MoE (``--expert linear``), not the paper's Eq. 5-7:
+
+        expert_k(x) = (x - c_k) A_k            A_k ~ N(0, 0.02^2), c_k = 0 at start, no output bias
+        g = softmax(x W_g + eps * (softplus(x W_n) + 0.01))   eps ~ N(0, 1) in training only
+
+    W_g and W_n start at zero: the gate starts uniform and its noise at scale 0.01 + log 2."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int, num_experts: int):
+        super().__init__()
+        self.center = nn.Parameter(torch.zeros(num_experts, in_dim))  # c_k
+        self.weight = nn.Parameter(torch.randn(num_experts, in_dim, out_dim) * 0.02)  # A_k
+        self.gate = nn.Linear(in_dim, num_experts, bias=False)
+        self.noise = nn.Linear(in_dim, num_experts, bias=False)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.zeros_(self.noise.weight)
+
+    def forward(self, x: torch.Tensor):
+        """x: (B, F) -> (mixture (B, D), expert outputs (B, K, D), gate (B, K))."""
+        offset = torch.einsum("kf,kfd->kd", self.center, self.weight)  # (K, D): c_k A_k
+        experts = torch.einsum("bf,kfd->bkd", x, self.weight) - offset  # (B, K, D)
+        logits = self.gate(x)  # (B, K)
+        if self.training:
+            logits = logits + torch.randn_like(logits) * (F.softplus(self.noise(x)) + 0.01)
+        gate = torch.softmax(logits, dim=-1)
         return torch.einsum("bk,bkd->bd", gate, experts), experts, gate
+
+
+class PassThrough(nn.Module):
+    """No experts (the GAT output without a Graph-MoE, as in the official code): h' = h."""
+
+    def forward(self, x: torch.Tensor):
+        return x, x.unsqueeze(1), x.new_ones(x.shape[0], 1)
 
 
 class LinearProjection(nn.Module):
@@ -298,6 +348,11 @@ class LinearProjection(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
+def weighted_concat(parts: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """Eq. 12: h^f = concat_m w_m h'_m. parts: M tensors (B, D); weights (B, M) -> (B, M*D)."""
+    return torch.cat([weights[:, i:i + 1] * p for i, p in enumerate(parts)], dim=-1)
+
+
 class InterModalRouter(nn.Module):
     """Per-entity modality weights from the concatenated intra-modal outputs.
 
@@ -305,33 +360,91 @@ class InterModalRouter(nn.Module):
         Eq. 11  W = softmax(g(h_c)),  g = Linear[-ReLU-Linear]         (B, M)
         Eq. 12  h^f = concat_m w_m h'_m                                (B, M*D)
 
-    ``hidden`` is the official ``fusion_weight_dim``: 0 makes g a single linear layer."""
+    ``hidden`` is the official ``fusion_weight_dim``: 0 makes g a single linear layer. With
+    ``uniform_init`` the last layer starts at zero: every entity starts with weights 1/M, and that
+    layer's bias is a global weight vector which the per-entity part refines (docs/accuracy.md).
+    ``present`` (B, M) masks the modalities an entity lacks: the softmax runs over the rest."""
 
-    def __init__(self, num_modalities: int, dim: int, hidden: int = 0):
+    def __init__(self, num_modalities: int, dim: int, hidden: int = 0, uniform_init: bool = True):
         super().__init__()
         if hidden > 0:
             self.net = nn.Sequential(nn.Linear(num_modalities * dim, hidden), nn.ReLU(),
                                      nn.Linear(hidden, num_modalities))
         else:
             self.net = nn.Linear(num_modalities * dim, num_modalities)
+        if uniform_init:
+            last = self.net[-1] if hidden > 0 else self.net
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
 
-    def forward(self, parts: list[torch.Tensor]):
+    def forward(self, parts: list[torch.Tensor], present: torch.Tensor | None = None):
         h_c = torch.cat(parts, dim=-1)  # (B, M*D)
-        weights = torch.softmax(self.net(h_c), dim=-1)  # (B, M)
-        fused = torch.cat([weights[:, i:i + 1] * p for i, p in enumerate(parts)], dim=-1)  # (B, M*D)
-        return fused, weights
+        logits = self.net(h_c)  # (B, M)
+        if present is not None:
+            logits = logits.masked_fill(~present, -torch.inf)
+        weights = torch.softmax(logits, dim=-1)  # (B, M)
+        return weighted_concat(parts, weights), weights
+
+
+# The official code's modality combinations (its global router): each modality's weight is the sum of
+# the weights of the combinations that hold it.
+MODALITY_COMBINATIONS = (("image",), ("rel_text",), ("attr_text",), ("rel_bow", "attr_bow"),
+                         ("graph", "rel_bow"), ("graph", "attr_bow"), ("graph", "rel_bow", "attr_bow"))
+
+
+class GlobalModalityWeights(nn.Module):
+    """The official code's inter-modal weights (``--router global``): one vector for all entities.
+
+        p = softmax(logits) over the modality combinations, the top 5 kept and renormalised
+        w_m = sum of p_c over the combinations c that hold m
+
+    Combinations with no active modality (e.g. {image} on data without images) are dropped.
+    ``hidden`` (fusion_weight_dim) > 0 computes the logits as Linear(q) of a learned query q of that
+    size; 0 learns them directly. ``present`` (B, M) zeroes the weight of a modality an entity lacks."""
+
+    def __init__(self, modalities, dim: int, hidden: int = 0, top: int = 5):
+        super().__init__()
+        combos = [c for c in MODALITY_COMBINATIONS if any(m in modalities for m in c)]
+        combos += [(m,) for m in modalities if not any(m in c for c in combos)]  # e.g. a new modality
+        member = torch.tensor([[float(m in c) for m in modalities] for c in combos])  # (C, M)
+        self.register_buffer("member", member)
+        self.top = min(top, len(combos))
+        if hidden > 0:
+            self.query = nn.Parameter(torch.randn(hidden))
+            self.proj = nn.Linear(hidden, len(combos))
+        else:
+            self.logits = nn.Parameter(torch.zeros(len(combos)))
+
+    def combination_weights(self) -> torch.Tensor:
+        logits = self.proj(self.query) if hasattr(self, "proj") else self.logits  # (C,)
+        p = torch.softmax(logits, dim=0)
+        keep = torch.zeros_like(p, dtype=torch.bool)
+        keep[p.topk(self.top).indices] = True
+        p = torch.where(keep, p, torch.zeros_like(p))
+        return p / p.sum()
+
+    def forward(self, parts: list[torch.Tensor], present: torch.Tensor | None = None):
+        w = self.combination_weights() @ self.member  # (M,)
+        weights = w.expand(parts[0].shape[0], -1)  # (B, M)
+        if present is not None:
+            weights = weights * present
+        return weighted_concat(parts, weights), weights
 
 
 class UniformFusion(nn.Module):
-    """The 'w/o HMoE' ablation's fusion: plain concatenation with equal weights 1/M."""
+    """The 'w/o HMoE' ablation's fusion: plain concatenation with equal weights 1/M (1 / the number
+    of modalities the entity has, when ``present`` masks some)."""
 
     def __init__(self, num_modalities: int, dim: int, hidden: int = 0):
         super().__init__()
         self.num_modalities = num_modalities
 
-    def forward(self, parts: list[torch.Tensor]):
-        weights = parts[0].new_full((parts[0].shape[0], self.num_modalities), 1.0 / self.num_modalities)
-        return torch.cat(parts, dim=-1) / self.num_modalities, weights
+    def forward(self, parts: list[torch.Tensor], present: torch.Tensor | None = None):
+        weights = parts[0].new_ones((parts[0].shape[0], self.num_modalities))
+        if present is not None:
+            weights = weights * present
+        weights = weights / weights.sum(1, keepdim=True).clamp_min(1.0)
+        return weighted_concat(parts, weights), weights
 
 
 # ---------------------------------------------------------------------------------------------

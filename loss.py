@@ -92,7 +92,8 @@ def _distillation_from_log_probs(teacher, student) -> torch.Tensor:
 
 
 def batch_alignment_losses(z1_f: torch.Tensor, z2_f: torch.Tensor, unimodal1: dict, unimodal2: dict,
-                           tau_cl: float, tau_al: float, unimodal_cl: bool = True, distill: bool = True):
+                           tau_cl: float, tau_al: float, unimodal_cl: bool = True, distill: bool = True,
+                           present: dict | None = None, joint_teacher: bool = False):
     """Eq. 13-16 on one batch of B seed pairs: L_f^CL, and per modality L_m^CL and L_m^AL.
 
     Each term equals its per-equation function (contrastive_alignment_loss,
@@ -103,20 +104,36 @@ def batch_alignment_losses(z1_f: torch.Tensor, z2_f: torch.Tensor, unimodal1: di
     cosines 1 + M times per batch, which on FB15K-DB15K cost as much as all the experts together.
 
     z1_f, z2_f: (B, M*D) fused rows of the two sides; unimodal1/2: modality -> (B, D).
+    ``present``: modality -> (B,) bool, the pairs whose two entities both have the modality; a
+    modality's L_m^CL and L_m^AL are then computed on those pairs only (the others neither anchor nor
+    serve as negatives), and a modality held by fewer than two pairs adds nothing.
+    ``joint_teacher`` (the official code's direction): the detached fused distribution teaches the
+    unimodal one, KL(Q_f || Q_m), and the gradient reaches the modality instead of the fused embedding.
     Returns (L_f^CL, {m: L_m^CL} or {}, {m: L_m^AL} or {})."""
     fused = pair_cosines(z1_f, z2_f)
     fused_cl = _contrastive_from_log_probs(*log_probs_from_cosines(fused, tau_cl))
-    student = log_probs_from_cosines(fused, tau_al) if distill else None
     cl, al = {}, {}
     for m in unimodal1 if unimodal_cl or distill else ():
-        with torch.set_grad_enabled(unimodal_cl and torch.is_grad_enabled()):
-            cos_m = pair_cosines(unimodal1[m], unimodal2[m])
+        keep = None if present is None or m not in present else present[m]
+        if keep is not None and bool(keep.all()):
+            keep = None
+        if keep is not None and int(keep.sum()) < 2:
+            continue
+        u1, u2 = (unimodal1[m], unimodal2[m]) if keep is None else (unimodal1[m][keep], unimodal2[m][keep])
+        with torch.set_grad_enabled((unimodal_cl or joint_teacher) and torch.is_grad_enabled()):
+            cos_m = pair_cosines(u1, u2)
         if unimodal_cl:
             cl[m] = _contrastive_from_log_probs(*log_probs_from_cosines(cos_m, tau_cl))
         if distill:
-            with torch.no_grad():  # the unimodal teacher gets no gradient
-                teacher = log_probs_from_cosines([c.detach() for c in cos_m], tau_al)
-            al[m] = _distillation_from_log_probs(teacher, student)
+            fused_m = fused if keep is None else [c[keep][:, keep] for c in fused]
+            if joint_teacher:
+                with torch.no_grad():
+                    teacher = log_probs_from_cosines([c.detach() for c in fused_m], tau_al)
+                al[m] = _distillation_from_log_probs(teacher, log_probs_from_cosines(cos_m, tau_al))
+            else:
+                with torch.no_grad():  # the unimodal teacher gets no gradient
+                    teacher = log_probs_from_cosines([c.detach() for c in cos_m], tau_al)
+                al[m] = _distillation_from_log_probs(teacher, log_probs_from_cosines(fused_m, tau_al))
     return fused_cl, cl, al
 
 
@@ -138,17 +155,20 @@ class CLUBDisentanglement(nn.Module):
         super().__init__()
         self.q = nn.ModuleDict({m: GaussianConditional(dim, hidden) for m in modalities})
 
-    def forward(self, experts: dict[str, torch.Tensor]) -> torch.Tensor:
-        """experts: modality -> (B, K, D) expert outputs. Returns the summed bound (scalar)."""
+    def forward(self, experts: dict[str, torch.Tensor], pairs: dict | None = None) -> torch.Tensor:
+        """experts: modality -> (B, K, D) expert outputs. Returns the summed bound (scalar).
+        ``pairs`` (the official code's variant, ``--club random_pair``): modality -> one ordered
+        expert pair (a, b); the bound of that pair alone replaces the mean over all pairs."""
         total = 0.0
         for m, y in experts.items():
             if m not in self.q or y.shape[1] < 2 or y.shape[0] < 2:
                 continue
-            total = total + self._bound(self.q[m], y)
+            total = total + self._bound(self.q[m], y, None if pairs is None else pairs[m])
         return torch.as_tensor(total)
 
-    def q_fit_loss(self, experts: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Negative log-likelihood of Q_m(h_b | h_a) over expert pairs a != b, for fitting Q."""
+    def q_fit_loss(self, experts: dict[str, torch.Tensor], pairs: dict | None = None) -> torch.Tensor:
+        """Negative log-likelihood of Q_m(h_b | h_a) over expert pairs a != b (or the one pair of
+        ``pairs[m]``), for fitting Q."""
         total = 0.0
         for m, y in experts.items():
             if m not in self.q or y.shape[1] < 2:
@@ -157,11 +177,11 @@ class CLUBDisentanglement(nn.Module):
             mu, logvar = self.q[m](y)  # (B, K, D) each, conditioned on expert a
             sq = _scaled_sq_dist(y, mu, torch.exp(-logvar))  # (B, K_a, K_b)
             loglik = -0.5 * (sq + logvar.sum(-1)[:, :, None])
-            total = total - loglik[:, _off_diagonal(y)].mean()
+            total = total - loglik[:, _pair_mask(y, None if pairs is None else pairs[m])].mean()
         return torch.as_tensor(total)
 
     @staticmethod
-    def _bound(q: GaussianConditional, y: torch.Tensor) -> torch.Tensor:
+    def _bound(q: GaussianConditional, y: torch.Tensor, pair=None) -> torch.Tensor:
         b, k, _ = y.shape
         mu, logvar = q(y)  # (B, K, D): mean and log-variance of Q(. | h_a^i)
         inv_var = torch.exp(-logvar)
@@ -174,12 +194,31 @@ class CLUBDisentanglement(nn.Module):
                   + b * (mu**2 * inv_var).sum(-1)[:, :, None])  # (B, K_a, K_b)
         sq_others = (sq_all - sq_pos) / (b - 1)
         per_pair = (-0.5 * sq_pos + 0.5 * sq_others).mean(0)  # (K_a, K_b)
+        if pair is not None:
+            return per_pair[pair[0], pair[1]]
         return per_pair[_off_diagonal(y)].sum() / k**2
+
+
+def random_expert_pairs(modalities, k: int, gen: torch.Generator) -> dict:
+    """One random ordered pair (a, b), a != b, of the K experts per modality (``--club random_pair``)."""
+    out = {}
+    for m in modalities:
+        a, b = torch.randperm(k, generator=gen)[:2].tolist()
+        out[m] = (a, b)
+    return out
 
 
 def _off_diagonal(y: torch.Tensor) -> torch.Tensor:
     k = y.shape[1]
     return ~torch.eye(k, dtype=torch.bool, device=y.device)
+
+
+def _pair_mask(y: torch.Tensor, pair) -> torch.Tensor:
+    if pair is None:
+        return _off_diagonal(y)
+    mask = torch.zeros(y.shape[1], y.shape[1], dtype=torch.bool, device=y.device)
+    mask[pair[0], pair[1]] = True
+    return mask
 
 
 def _scaled_sq_dist(y: torch.Tensor, mu: torch.Tensor, inv_var: torch.Tensor) -> torch.Tensor:
@@ -189,15 +228,38 @@ def _scaled_sq_dist(y: torch.Tensor, mu: torch.Tensor, inv_var: torch.Tensor) ->
             + (mu**2 * inv_var).sum(-1)[:, :, None])
 
 
+class UncertaintyWeights(nn.Module):
+    """The official code's combination of several losses (``--loss_weighting uncertainty``, after
+    Kendall et al. 2018): sum_i exp(-s_i) L_i + s_i with a learned log-variance s_i per loss, s = 0
+    at the start (a plain sum)."""
+
+    def __init__(self, names):
+        super().__init__()
+        self.names = tuple(names)
+        self.log_var = nn.Parameter(torch.zeros(len(self.names)))
+
+    def forward(self, losses: dict) -> torch.Tensor:
+        total = 0.0
+        for i, name in enumerate(self.names):
+            if torch.is_tensor(losses.get(name)):  # a modality no pair of the epoch had adds nothing
+                total = total + torch.exp(-self.log_var[i]) * losses[name] + self.log_var[i]
+        return torch.as_tensor(total)
+
+
 def total_loss(fused_cl, unimodal_cl: dict, club, distill: dict, cl_weight: float, al_weight: float,
-               mi_weight: float) -> torch.Tensor:
+               mi_weight: float, combine_cl=None, combine_al=None) -> torch.Tensor:
     """Eq. 17: L = L_f^CL + lambda_1 sum_m L_m^CL + w_mi L_CLUB + lambda_2 sum_m L_m^AL.
 
     The paper writes L_CLUB with weight 1; the official code (and our default) weights it by
-    ``mi_loss`` = 1e-4."""
+    ``mi_loss`` = 1e-4. ``combine_cl`` / ``combine_al`` replace the two sums over the modalities
+    (e.g. ``UncertaintyWeights``)."""
     loss = fused_cl + mi_weight * club
     if unimodal_cl:
-        loss = loss + cl_weight * sum(unimodal_cl.values())
+        loss = loss + cl_weight * (combine_cl or _plain_sum)(unimodal_cl)
     if distill:
-        loss = loss + al_weight * sum(distill.values())
+        loss = loss + al_weight * (combine_al or _plain_sum)(distill)
     return loss
+
+
+def _plain_sum(losses: dict):
+    return sum(losses.values())

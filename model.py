@@ -13,8 +13,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from layers import GraphStructureEncoder, InterModalRouter, IntraModalMoE, LinearProjection, SparseGraph, UniformFusion
-from utils import AMP_DTYPES, MMKG, MODALITIES, Config
+from layers import (
+    GlobalModalityWeights,
+    GraphStructureEncoder,
+    InterModalRouter,
+    IntraModalMoE,
+    LinearNoisyMoE,
+    LinearProjection,
+    PassThrough,
+    SparseGraph,
+    UniformFusion,
+)
+from loss import UncertaintyWeights
+from utils import AMP_DTYPES, MMKG, MODALITIES, Config, normalise_features
 
 
 @dataclass
@@ -24,13 +35,28 @@ class ModelInputs:
     features: dict[str, torch.Tensor]  # modality -> (N, F), on the model's device
     graph: SparseGraph
     num_entities: int
+    # modality -> (N,) bool: the entity has this modality (--missing mask); None = every entity has all.
+    present: dict[str, torch.Tensor] | None = None
 
     @classmethod
-    def from_data(cls, data: MMKG, device) -> ModelInputs:
+    def from_data(cls, data: MMKG, device, feature_norm: str = "l2", missing: str = "mask") -> ModelInputs:
+        """``feature_norm``: row scaling of the features (utils.normalise_features). ``missing``: 'mask'
+        keeps the loader's masks of the real inputs; 'fill' treats filled rows as real inputs."""
         graph = SparseGraph.undirected_with_self_loops(
             torch.from_numpy(data.triples[:, 0]), torch.from_numpy(data.triples[:, 2]), data.num_entities)
-        feats = {m: torch.from_numpy(v).to(device) for m, v in data.features.items()}
-        return cls(feats, graph.to(device), data.num_entities)
+        feats = {m: torch.from_numpy(v).to(device) for m, v in normalise_features(data.features, feature_norm).items()}
+        present = None
+        if missing == "mask":
+            present = {m: torch.from_numpy(np.asarray(p, dtype=bool)).to(device) for m, p in data.present.items()}
+        return cls(feats, graph.to(device), data.num_entities, present)
+
+    def present_rows(self, modalities, ids: torch.Tensor) -> torch.Tensor | None:
+        """(B, M) bool: which of ``modalities`` the entities ``ids`` have (the graph always), or None
+        when nothing is masked."""
+        if self.present is None or not any(m in self.present for m in modalities):
+            return None
+        ones = torch.ones(len(ids), dtype=torch.bool, device=ids.device)
+        return torch.stack([self.present[m][ids] if m in self.present else ones for m in modalities], dim=1)
 
 
 @dataclass
@@ -42,6 +68,7 @@ class Embeddings:
     gates: dict[str, torch.Tensor]  # modality -> (B, K), g of Eq. 7
     weights: torch.Tensor  # (B, M) modality weights W of Eq. 11
     fused: torch.Tensor  # (B, M*D) h^f of Eq. 12
+    present: torch.Tensor | None = None  # (B, M) bool: the entity has the modality; None = all have all
 
 
 def active_modalities(cfg: Config, available) -> tuple[str, ...]:
@@ -57,18 +84,24 @@ class HUMEA(nn.Module):
         if not self.modalities:
             raise ValueError("every modality is switched off; nothing to align with")
         d = cfg.hidden
-        hierarchical = "hmoe" not in cfg.disabled
         if "graph" in self.modalities:
             heads = [int(h) for h in cfg.heads.split(",")]
-            if len(set(heads)) != 1:
-                raise ValueError(f"--heads: every GAT layer needs the same head count, got {cfg.heads}")
             self.graph_encoder = GraphStructureEncoder(inputs.num_entities, d, heads=heads[0], layers=len(heads),
                                                        dropout=cfg.dropout, attn_dropout=cfg.attn_dropout)
         in_dims = {m: (d if m == "graph" else inputs.features[m].shape[1]) for m in self.modalities}
-        expert_cls = IntraModalMoE if hierarchical else LinearProjection
-        self.experts = nn.ModuleDict({m: expert_cls(in_dims[m], d, d, cfg.n_exp) for m in self.modalities})
-        fusion_cls = InterModalRouter if hierarchical else UniformFusion
-        self.fusion = fusion_cls(len(self.modalities), d, cfg.fusion_weight_dim)
+        self.experts = nn.ModuleDict({m: _intra_modal(cfg, m, in_dims[m]) for m in self.modalities})
+        m = len(self.modalities)
+        if "hmoe" in cfg.disabled:
+            self.fusion = UniformFusion(m, d)
+        elif cfg.router == "global":
+            self.fusion = GlobalModalityWeights(self.modalities, d, cfg.fusion_weight_dim)
+        else:
+            self.fusion = InterModalRouter(m, d, cfg.fusion_weight_dim, uniform_init=cfg.router_init == "uniform")
+        # --loss_weighting uncertainty: learned log-variances of the unimodal CL and AL losses (trained
+        # with the model, saved in its checkpoint).
+        if cfg.loss_weighting == "uncertainty":
+            self.loss_weights = nn.ModuleDict({"cl": UncertaintyWeights(self.modalities),
+                                               "al": UncertaintyWeights(self.modalities)})
         # Autocast dtype of the experts and the router (--amp; None = float32 throughout).
         self.amp_dtype: torch.dtype | None = AMP_DTYPES[cfg.amp]
 
@@ -89,17 +122,18 @@ class HUMEA(nn.Module):
             else:
                 rows["graph"] = graph_emb[ids]  # (B, D)
         unimodal, experts, gates = {}, {}, {}
+        present = inputs.present_rows(self.modalities, ids)  # (B, M) or None
         with self._autocast(ids.device):
             for m in self.modalities:
                 x = rows[m] if m == "graph" else inputs.features[m][ids]  # (B, F)
                 mixed, experts[m], gates[m] = self.experts[m](x)  # (B, D), (B, K, D), (B, K)
                 unimodal[m] = F.normalize(mixed.float(), dim=-1)
-            fused, weights = self.fusion([unimodal[m] for m in self.modalities])  # (B, M*D), (B, M)
+            fused, weights = self.fusion([unimodal[m] for m in self.modalities], present)  # (B, M*D), (B, M)
         if self.amp_dtype is not None:  # the losses and CSLS read float32
             experts = {m: e.float() for m, e in experts.items()}
             gates = {m: g.float() for m, g in gates.items()}
             fused, weights = fused.float(), weights.float()
-        return Embeddings(unimodal, experts, gates, weights, fused)
+        return Embeddings(unimodal, experts, gates, weights, fused, present)
 
     def _autocast(self, device: torch.device):
         """Mixed precision of the expert and router matmuls when ``amp_dtype`` is set (e.g.
@@ -126,4 +160,18 @@ class HUMEA(nn.Module):
         return Embeddings({m: cat(lambda p, m=m: p.unimodal[m]) for m in self.modalities},
                           {m: cat(lambda p, m=m: p.experts[m]) for m in self.modalities} if keep_experts else {},
                           {m: cat(lambda p, m=m: p.gates[m]) for m in self.modalities},
-                          cat(lambda p: p.weights), cat(lambda p: p.fused))
+                          cat(lambda p: p.weights), cat(lambda p: p.fused),
+                          cat(lambda p: p.present) if parts and parts[0].present is not None else None)
+
+
+def _intra_modal(cfg: Config, modality: str, in_dim: int) -> nn.Module:
+    """The intra-modal encoder of one modality (Eq. 5-7, or the option that replaces it)."""
+    d = cfg.hidden
+    if "hmoe" in cfg.disabled:
+        return LinearProjection(in_dim, d, d)
+    if modality == "graph" and (cfg.expert == "linear" or not cfg.graph_moe):
+        return PassThrough()
+    if cfg.expert == "linear":
+        return LinearNoisyMoE(in_dim, d, d, cfg.n_exp)
+    return IntraModalMoE(in_dim, d, d, cfg.n_exp, input_norm=cfg.moe_input_norm == "layernorm",
+                         dropout=cfg.expert_dropout, residual=modality == "graph" and cfg.graph_residual)

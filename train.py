@@ -24,9 +24,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from loss import CLUBDisentanglement, batch_alignment_losses, total_loss
+from layers import PassThrough
+from loss import CLUBDisentanglement, batch_alignment_losses, random_expert_pairs, total_loss
 from model import HUMEA, ModelInputs
 from utils import (
+    PRESETS,
     Config,
     DataError,
     atomic_torch_save,
@@ -53,14 +55,20 @@ from utils import (
 
 
 def parse_args(argv=None) -> Config:
+    """Flags over the defaults of the chosen --preset (utils.PRESETS): a flag given beside it wins."""
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--preset", default="paper", choices=tuple(PRESETS))
+    known, _ = first.parse_known_args(argv)
+    defaults = dataclasses.asdict(Config.from_preset(known.preset))
     p = argparse.ArgumentParser(description="Train HUMEA (multi-modal entity alignment).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
         meta = f.metadata
         if meta.get("boolean"):
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=defaults[f.name],
+                           help=meta["help"])
         else:
-            p.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=meta["help"],
+            p.add_argument(f"--{f.name}", type=type(f.default), default=defaults[f.name], help=meta["help"],
                            choices=meta.get("choices"))
     p.add_argument("--eval_only", action="store_true",
                    help="with --resume: load the run's checkpoint, evaluate on its test pairs and print the metrics")
@@ -90,14 +98,44 @@ def run_folder(cfg: Config, data_root: Path) -> Path:
     return Path(cfg.out_dir) / name
 
 
-def loss_batches(pairs: np.ndarray, bsize: int, gen: torch.Generator):
-    """Shuffle the training pairs and cut them into batches of ``bsize`` (the last may be smaller)."""
-    perm = torch.randperm(len(pairs), generator=gen).numpy()
+def loss_batches(pairs: np.ndarray, bsize: int, gen: torch.Generator, shuffle: bool = True):
+    """Shuffle the training pairs and cut them into batches of ``bsize`` (the last may be smaller);
+    ``shuffle=False`` cuts them in the given order (the curriculum's groups of neighbours)."""
+    perm = torch.randperm(len(pairs), generator=gen).numpy() if shuffle else np.arange(len(pairs))
     return [pairs[perm[s:s + bsize]] for s in range(0, len(pairs), bsize)]
 
 
+# The official curriculum: epochs [0, CURRICULUM_EPOCHS), rebuilt every CURRICULUM_EVERY epochs.
+CURRICULUM_EPOCHS, CURRICULUM_EVERY, CURRICULUM_K = 250, 50, 5
+
+
+@torch.no_grad()
+def curriculum_pairs(model: HUMEA, inputs: ModelInputs, pairs: np.ndarray, k: int, gen: torch.Generator,
+                     chunk: int = 4096) -> np.ndarray:
+    """The official curriculum, as intended (--curriculum): each training pair, in a shuffled order,
+    followed by the k other training pairs whose left entities' fused embeddings are most similar to
+    its left entity's, so that hard negatives share a batch. Pairs therefore repeat. (P * (k + 1), 2).
+
+    The official code builds an N x N similarity over all entities and has two defects
+    (docs/departures.md): it reads the row of entity id i instead of the i-th pair's entity, and it
+    compares j + 1 with the pair ids when it skips the pair itself. Here the similarity is P x P over
+    the training pairs only, in row blocks, and the pair itself is excluded by its position."""
+    emb = torch.nn.functional.normalize(model.embed(pairs[:, 0], inputs).fused, dim=-1)  # (P, M*D)
+    k = min(k, len(pairs) - 1)
+    order = torch.randperm(len(pairs), generator=gen).numpy()
+    groups = np.empty((len(pairs), k + 1), dtype=np.int64)
+    for s in range(0, len(pairs), chunk):
+        rows = torch.as_tensor(order[s:s + chunk], device=emb.device)
+        sim = emb[rows] @ emb.t()  # (chunk, P)
+        sim[torch.arange(len(rows)), rows] = -torch.inf  # not the pair itself
+        groups[s:s + len(rows), 0] = rows.cpu().numpy()
+        if k:
+            groups[s:s + len(rows), 1:] = sim.topk(k, dim=1).indices.cpu().numpy()
+    return pairs[groups.reshape(-1)]
+
+
 def train_epoch(model: HUMEA, club: CLUBDisentanglement | None, inputs: ModelInputs, pairs: np.ndarray,
-                cfg: Config, gen: torch.Generator, opt, q_opt, epoch: int) -> dict[str, float]:
+                cfg: Config, gen: torch.Generator, opt, q_opt, epoch: int, shuffle: bool = True) -> dict[str, float]:
     """One optimiser step on the sum of the losses of all batches (as the official code does).
 
     The experts run only on the entities of the training pairs: the losses read nothing else,
@@ -117,7 +155,7 @@ def train_epoch(model: HUMEA, club: CLUBDisentanglement | None, inputs: ModelInp
     fused_cl = 0.0
     uni_cl = {m: 0.0 for m in model.modalities} if "cl" not in cfg.disabled else {}
     distill = {m: 0.0 for m in model.modalities} if "al" not in cfg.disabled else {}
-    batches = loss_batches(pairs, cfg.bsize, gen)
+    batches = loss_batches(pairs, cfg.bsize, gen, shuffle)
     sizes, both = [len(b) for b in batches], np.concatenate(batches)  # (P, 2) in batch order
     rows1 = torch.as_tensor(np.searchsorted(ents, both[:, 0]), device=dev)
     rows2 = torch.as_tensor(np.searchsorted(ents, both[:, 1]), device=dev)
@@ -130,23 +168,36 @@ def train_epoch(model: HUMEA, club: CLUBDisentanglement | None, inputs: ModelInp
     fused1, fused2 = side(out.fused, rows1), side(out.fused, rows2)
     uni1 = {m: side(out.unimodal[m], rows1) for m in model.modalities}
     uni2 = {m: side(out.unimodal[m], rows2) for m in model.modalities}
+    # (P, M) both entities of the pair have the modality (--missing mask), cut like the embeddings.
+    both_have = None if out.present is None else (out.present[rows1] & out.present[rows2]).split(sizes)
     for i in range(len(batches)):  # losses of all batches are summed
+        present = None if both_have is None else {m: both_have[i][:, j] for j, m in enumerate(model.modalities)}
         f_cl, m_cl, m_al = batch_alignment_losses(
             fused1[i], fused2[i], {m: u[i] for m, u in uni1.items()}, {m: u[i] for m, u in uni2.items()},
-            cfg.tau_cl, cfg.tau_al, unimodal_cl=bool(uni_cl), distill=bool(distill))  # Eq. 13-16
+            cfg.tau_cl, cfg.tau_al, unimodal_cl=bool(uni_cl), distill=bool(distill), present=present,
+            joint_teacher=cfg.distill_direction == "joint_teacher")  # Eq. 13-16
         fused_cl = fused_cl + f_cl
-        for m in uni_cl:
+        for m in m_cl:
             uni_cl[m] = uni_cl[m] + m_cl[m]
-        for m in distill:
+        for m in m_al:
             distill[m] = distill[m] + m_al[m]
     club_term = torch.zeros((), device=dev)
     if club is not None:
         rows = torch.randperm(len(ents), generator=gen)[:cfg.club_bsize].to(dev)
-        experts = {m: out.experts[m][rows] for m in model.modalities}  # (B, K, D)
-        club_term = club(experts)  # Eq. 9
-    total = total_loss(fused_cl, uni_cl, club_term, distill, cfg.cl_loss, cfg.al_loss, cfg.mi_loss)  # Eq. 17
+        experts = {m: out.experts[m][rows] for m in club.q}  # (B, K, D)
+        club_pairs = random_expert_pairs(club.q, cfg.n_exp, gen) if cfg.club == "random_pair" else None
+        club_term = club(experts, club_pairs)  # Eq. 9
+    weights = getattr(model, "loss_weights", None)  # --loss_weighting uncertainty
+    # The official code multiplies its distillation loss by al_loss twice.
+    al_weight = cfg.al_loss ** 2 if cfg.distill_direction == "joint_teacher" else cfg.al_loss
+    total = total_loss(fused_cl, uni_cl, club_term, distill, cfg.cl_loss, al_weight, cfg.mi_loss,
+                       weights["cl"] if weights else None, weights["al"] if weights else None)  # Eq. 17
+    balance = torch.zeros((), device=dev)
+    if cfg.router_balance > 0:
+        balance = router_imbalance(out.weights, out.present)
+        total = total + cfg.router_balance * balance
     terms = {"fused_cl": fused_cl, "uni_cl": sum(uni_cl.values(), 0.0), "distill": sum(distill.values(), 0.0),
-             "club": club_term, "total": total}
+             "club": club_term, "balance": balance, "total": total}
     for name, value in terms.items():
         finite_or_raise(name, torch.as_tensor(value).detach(), epoch)
     terms = {k: float(torch.as_tensor(v).detach()) for k, v in terms.items()}
@@ -157,7 +208,7 @@ def train_epoch(model: HUMEA, club: CLUBDisentanglement | None, inputs: ModelInp
         # CLUB's variational networks Q_m are fitted by their own optimiser on detached outputs.
         club.requires_grad_(True)
         q_opt.zero_grad(set_to_none=True)
-        fit = club.q_fit_loss({m: e.detach() for m, e in experts.items()})
+        fit = club.q_fit_loss({m: e.detach() for m, e in experts.items()}, club_pairs)
         finite_or_raise("club_q_fit", fit, epoch)
         fit.backward()
         q_opt.step()
@@ -166,12 +217,59 @@ def train_epoch(model: HUMEA, club: CLUBDisentanglement | None, inputs: ModelInp
     return terms
 
 
-def evaluate(model: HUMEA, inputs: ModelInputs, pairs: np.ndarray, cfg: Config, with_predictions=False):
+def router_imbalance(weights: torch.Tensor, present: torch.Tensor | None) -> torch.Tensor:
+    """Mean over entities of KL(w || uniform over the modalities the entity has) = log M_e - H(w)."""
+    m_e = weights.new_full((weights.shape[0],), weights.shape[1]) if present is None else present.sum(1).float()
+    plogp = torch.where(weights > 0, weights * torch.log(weights.clamp_min(1e-30)), torch.zeros_like(weights))
+    return (plogp.sum(1) + torch.log(m_e)).mean()
+
+
+def evaluate(model: HUMEA, inputs: ModelInputs, pairs: np.ndarray, cfg: Config, with_predictions=False,
+             health_ids: np.ndarray | None = None):
+    """Metrics of ``pairs``; with ``health_ids`` (entities among the pairs') also their modality_health."""
     release_free_heap()  # the freed memory of the training epochs, before the evaluation's own peak
     ids = np.unique(pairs)
-    emb = model.embed(ids, inputs).fused
-    return evaluate_alignment(emb, pairs, ids=ids, csls_k=cfg.csls_k, use_csls=cfg.csls,
-                              chunk=cfg.eval_chunk, with_predictions=with_predictions)
+    emb = model.embed(ids, inputs)
+    res = evaluate_alignment(emb.fused, pairs, ids=ids, csls_k=cfg.csls_k, use_csls=cfg.csls,
+                             chunk=cfg.eval_chunk, with_predictions=with_predictions)
+    if health_ids is None:
+        return res
+    return res, modality_health(model.modalities, emb, np.searchsorted(ids, health_ids))
+
+
+# The modality-health monitor: the entities it samples, and its warning thresholds.
+HEALTH_SAMPLE, COLLAPSED_COSINE, NEGLIGIBLE_WEIGHT = 500, 0.9, 0.01
+
+
+def health_sample(test_pairs: np.ndarray, seed: int) -> np.ndarray:
+    """A fixed sample of HEALTH_SAMPLE test entities (sorted), the same at every evaluation."""
+    ents = np.unique(test_pairs)
+    return np.sort(np.random.default_rng(seed).choice(ents, min(HEALTH_SAMPLE, len(ents)), replace=False))
+
+
+def modality_health(modalities, emb, rows) -> dict:
+    """Per modality, the mean pairwise cosine of the unimodal embeddings h'_m of the sampled entities
+    that have the modality (near 1: every entity gets the same vector, the modality carries nothing),
+    and its mean router weight over the sample."""
+    rows = torch.as_tensor(rows, device=emb.fused.device)
+    cosine, weight = {}, {}
+    for j, m in enumerate(modalities):
+        u = emb.unimodal[m][rows]
+        if emb.present is not None:
+            u = u[emb.present[rows, j]]
+        n = len(u)
+        s = u @ u.t()
+        cosine[m] = round(float((s.sum() - s.diagonal().sum()) / max(n * n - n, 1)), 4)
+        weight[m] = round(float(emb.weights[rows, j].mean()), 4)
+    return {"cosine": cosine, "weight": weight}
+
+
+def health_warnings(health: dict) -> list[str]:
+    out = [f"modality {m} has collapsed: mean pairwise cosine {c:.3f} > {COLLAPSED_COSINE} (every entity gets "
+           "nearly the same embedding)" for m, c in health["cosine"].items() if c > COLLAPSED_COSINE]
+    out += [f"modality {m} has a negligible weight: {w:.4f} < {NEGLIGIBLE_WEIGHT}"
+            for m, w in health["weight"].items() if w < NEGLIGIBLE_WEIGHT]
+    return out
 
 
 def pseudo_label_step(model: HUMEA, inputs: ModelInputs, data, train_pairs: np.ndarray, cfg: Config):
@@ -184,6 +282,30 @@ def pseudo_label_step(model: HUMEA, inputs: ModelInputs, data, train_pairs: np.n
     release_free_heap()
     emb = model.embed(np.concatenate([left, right]), inputs).fused
     return mutual_nearest_pairs(emb[:len(left)], emb[len(left):], left, right, cfg.csls_k, cfg.eval_chunk)
+
+
+def checkpoint_record(epoch: int, terms: dict, model, inputs, split, cfg: Config, sample, state: dict, tic: float,
+                      run: Path, log: logging.Logger) -> float:
+    """Evaluate (test, validation, modality health), append the record to the history and to
+    metrics.jsonl, log it; returns the new tic of the run's clock."""
+    record = {"epoch": epoch, **{k: round(v, 6) for k, v in terms.items()}}
+    record["test"], record["health"] = evaluate(model, inputs, split.test, cfg, health_ids=sample)
+    if len(split.valid):
+        record["valid"] = evaluate(model, inputs, split.valid, cfg)
+    tic = add_elapsed(state, tic)
+    record["seconds"] = round(state["seconds"], 2)
+    state["history"].append(record)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    t = record["test"]["avg"]
+    valid = {"valid_mrr": record["valid"]["avg"]["mrr"]} if "valid" in record else {}
+    loss = {"loss": terms["loss"]} if "loss" in terms else {}
+    log.info(kv(epoch=epoch, **loss, test_hits1=t["hits@1"], test_hits10=t["hits@10"], test_mrr=t["mrr"], **valid))
+    h = record["health"]
+    log.info("health " + " ".join(f"{m}:cos={h['cosine'][m]:.3f},w={h['weight'][m]:.3f}" for m in h["cosine"]))
+    for warning in health_warnings(h):
+        log.warning(f"WARNING epoch {epoch}: {warning}")
+    return tic
 
 
 def snapshot(model, club, opt, q_opt, gen, epoch, state) -> dict:
@@ -230,7 +352,7 @@ def resumed_config(cfg: Config, saved: dict) -> Config:
     except TypeError as e:
         raise DataError(f"--resume {cfg.resume}: the checkpoint's configuration does not match this version "
                         f"of train.py ({e})") from None
-    default = Config()
+    default = Config.from_preset(cfg.preset)
     for f in dataclasses.fields(Config):
         given = getattr(cfg, f.name)
         if f.name not in RESUME_FREE and given != getattr(default, f.name) and given != getattr(out, f.name):
@@ -282,8 +404,9 @@ def build_model(cfg: Config, inputs: ModelInputs, device):
         model = HUMEA(cfg, inputs).to(device)
     except ValueError as e:  # e.g. every modality switched off: a bad combination of flags and data
         raise DataError(str(e)) from None
-    use_club = "club" not in cfg.disabled and "hmoe" not in cfg.disabled and cfg.n_exp > 1
-    club = CLUBDisentanglement(model.modalities, cfg.hidden, cfg.hidden).to(device) if use_club else None
+    with_experts = [m for m in model.modalities if not isinstance(model.experts[m], PassThrough)]
+    use_club = "club" not in cfg.disabled and "hmoe" not in cfg.disabled and cfg.n_exp > 1 and with_experts
+    club = CLUBDisentanglement(with_experts, cfg.hidden, cfg.hidden).to(device) if use_club else None
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     q_opt = torch.optim.AdamW(club.parameters(), lr=cfg.q_lr) if club else None
     return model, club, opt, q_opt
@@ -404,20 +527,20 @@ def main(cfg: Config) -> dict:
     train_pairs, leak = training_pairs(cfg, data, split, log)
     log.info(kv(train=len(train_pairs), valid=len(split.valid), test=len(split.test), rate=cfg.rate))
 
-    inputs = ModelInputs.from_data(data, device)
+    inputs = ModelInputs.from_data(data, device, cfg.feature_norm, cfg.missing)
     model, club, opt, q_opt = build_model(cfg, inputs, device)
     gen = torch.Generator().manual_seed(cfg.seed)
     log.info(kv(modalities=",".join(model.modalities), disabled=",".join(sorted(cfg.disabled)) or "none",
                 params=sum(p.numel() for p in model.parameters()), edges=inputs.graph.num_edges, device=device))
 
     state = {"history": [], "pseudo_pairs": np.zeros((0, 2), dtype=np.int64), "pseudo_steps": [],
-             "config": config_dict(cfg), "seconds": 0.0}
+             "config": config_dict(cfg), "seconds": 0.0, "curriculum": None}
     start = 0
     if ckpt is not None:
         restore(ckpt, model, club, opt, q_opt, gen)
         start = ckpt["epoch"]
         state.update(history=ckpt["history"], pseudo_pairs=ckpt["pseudo_pairs"], seconds=ckpt["seconds"],
-                     pseudo_steps=ckpt.get("pseudo_steps", []))
+                     pseudo_steps=ckpt.get("pseudo_steps", []), curriculum=ckpt.get("curriculum"))
         log.info(kv(resumed_from=str(run), epoch=start, pseudo_pairs=len(state["pseudo_pairs"])))
     if eval_only:
         res = evaluate(model, inputs, split.test, cfg)
@@ -432,15 +555,26 @@ def main(cfg: Config) -> dict:
     # metrics.jsonl is rewritten from the checkpoint's history, dropping lines written after it.
     atomic_write(run / "metrics.jsonl", lambda f: f.writelines(json.dumps(h) + "\n" for h in state["history"]))
     il_start = cfg.il_start if cfg.il_start >= 0 else cfg.epochs
+    sample = health_sample(split.test, cfg.seed)
+    tic = time.perf_counter()
+    if start == 0:  # epoch 0: the untrained model, and whether a modality is collapsed from the start
+        checkpoint_record(0, {}, model, inputs, split, cfg, sample, state, tic, run, log)
+        tic = time.perf_counter()
     last_h1 = state["history"][-1]["test"]["avg"]["hits@1"] if state["history"] else float("nan")
     saved_epoch = start or None
     bar = tqdm(range(start + 1, cfg.total_epochs + 1), initial=start, total=cfg.total_epochs, desc="train",
                dynamic_ncols=True, disable=None)
-    tic = time.perf_counter()
     for epoch in bar:  # epoch = 1, 2, ...: the number of this epoch, and of epochs done at its end
         current = np.concatenate([train_pairs, state["pseudo_pairs"]])
+        shuffle = True
+        if cfg.curriculum and epoch <= CURRICULUM_EPOCHS:
+            if (epoch - 1) % CURRICULUM_EVERY == 0 or state["curriculum"] is None:
+                k = CURRICULUM_K - (epoch - 1) // CURRICULUM_EVERY
+                state["curriculum"] = curriculum_pairs(model, inputs, current, k, gen, cfg.eval_chunk)
+                log.info(kv(epoch=epoch, curriculum_k=k, curriculum_pairs=len(state["curriculum"])))
+            current, shuffle = state["curriculum"], False
         try:
-            terms = train_epoch(model, club, inputs, current, cfg, gen, opt, q_opt, epoch)
+            terms = train_epoch(model, club, inputs, current, cfg, gen, opt, q_opt, epoch, shuffle=shuffle)
         except FloatingPointError as e:
             fault = numerical_fault(e, run, saved_epoch, cfg)
             log.error(f"stopping: {fault}")
@@ -453,20 +587,8 @@ def main(cfg: Config) -> dict:
             log.info(kv(epoch=epoch, pseudo_new=len(new), pseudo_total=len(state["pseudo_pairs"]),
                         pseudo_new_precision=correct / max(len(new), 1)))
         if epoch % cfg.check_point == 0 or epoch == cfg.total_epochs:
-            record = {"epoch": epoch, **{k: round(v, 6) for k, v in terms.items()}}
-            record["test"] = evaluate(model, inputs, split.test, cfg)
-            if len(split.valid):
-                record["valid"] = evaluate(model, inputs, split.valid, cfg)
-            tic = add_elapsed(state, tic)
-            record["seconds"] = round(state["seconds"], 2)
-            state["history"].append(record)
-            with open(run / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            t = record["test"]["avg"]
-            last_h1 = t["hits@1"]
-            valid = {"valid_mrr": record["valid"]["avg"]["mrr"]} if "valid" in record else {}
-            log.info(kv(epoch=epoch, loss=terms["loss"], test_hits1=t["hits@1"], test_hits10=t["hits@10"],
-                        test_mrr=t["mrr"], **valid))
+            tic = checkpoint_record(epoch, terms, model, inputs, split, cfg, sample, state, tic, run, log)
+            last_h1 = state["history"][-1]["test"]["avg"]["hits@1"]
         bar.set_postfix(loss=f"{terms['loss']:.3f}", hits1=f"{last_h1:.3f}")
         if cfg.save_every and epoch % cfg.save_every == 0 and epoch < cfg.total_epochs:
             tic = add_elapsed(state, tic)

@@ -97,6 +97,61 @@ class Config:
                                     "is kept whole up to 2^28 entries (1 GiB), larger ones use O(chunk x C)")
     amp: str = _flag("none", "mixed precision of the expert and router matmuls: none (float32) or bf16 "
                              "(autocast; the GAT, the losses and CSLS stay float32)", choices=tuple(AMP_DTYPES))
+    # The method: the paper's choices by default; each of the official code's departures is one option
+    # (docs/departures.md), and --preset official turns them all on (PRESETS).
+    preset: str = _flag("paper", "paper: the paper's method (these defaults); official: every departure of "
+                                 "the official code at once (--router global --expert linear --feature_norm "
+                                 "official --missing fill --loss_weighting uncertainty --distill_direction "
+                                 "joint_teacher --curriculum --club random_pair); flags given beside it win",
+                        choices=("paper", "official"))
+    expert: str = _flag("ffn", "intra-modal experts: ffn (Eq. 5, with a Graph-MoE) or linear (the official "
+                               "code's (x - c_k) A_k experts with a noisy zero-initialised gate, no Graph-MoE)",
+                        choices=("ffn", "linear"))
+    graph_moe: bool = _flag(True, "FFN experts on the GAT output too (the paper's Graph-MoE); --no-graph_moe "
+                                  "passes the GAT output straight to the fusion", boolean=True)
+    graph_residual: bool = _flag(True, "the Graph-MoE adds its (normalised) input to the expert mixture: "
+                                       "h' = h + sum_k g_k FFN_k(h), so it starts near the GAT output "
+                                       "(--no-graph_residual: Eq. 6 as printed)", boolean=True)
+    moe_input_norm: str = _flag("layernorm", "normalisation of each FFN MoE's input: layernorm (no affine; "
+                                             "keeps small GAT outputs from being drowned by the expert "
+                                             "biases, docs/accuracy.md) or none", choices=("layernorm", "none"))
+    expert_dropout: float = _flag(0.0, "dropout on the hidden layer of every FFN expert (Eq. 5), in [0, 1)")
+    router: str = _flag("entity", "inter-modal weights: entity (Eq. 11, a router per entity) or global (the "
+                                  "official code's one weight vector over 7 modality combinations, top 5)",
+                        choices=("entity", "global"))
+    router_init: str = _flag("uniform", "initial per-entity router: uniform (last layer zero: every entity "
+                                        "starts with weights 1/M, its bias is a global weight vector) or "
+                                        "default (torch's init)", choices=("uniform", "default"))
+    router_balance: float = _flag(10.0, "weight beta of the router balance term beta * mean_e KL(w_e || uniform) "
+                                        "over the epoch's training entities (0 = Eq. 17 as printed: no term)")
+    feature_norm: str = _flag("l2", "input feature rows: l2 (every text, image and bag-of-words row "
+                                    "L2-normalised), official (text and image L2, bag-of-words raw counts / "
+                                    "binary) or bow_l2 (bag-of-words L2, text and image raw)",
+                              choices=("l2", "official", "bow_l2"))
+    missing: str = _flag("mask", "modalities an entity lacks: mask (no part in its fused embedding, the "
+                                 "router renormalises over the rest, its unimodal losses skip it) or fill "
+                                 "(the official random fill / zero bag-of-words, used like real inputs)",
+                         choices=("mask", "fill"))
+    loss_weighting: str = _flag("sum", "combining the unimodal losses: sum (Eq. 17) or uncertainty (learned "
+                                       "log-variances s: sum exp(-s) L + s, as the official code)",
+                                choices=("sum", "uncertainty"))
+    distill_direction: str = _flag("paper", "Eq. 16 teacher: paper (the unimodal distribution teaches the "
+                                            "fused one) or joint_teacher (the detached fused distribution "
+                                            "teaches each unimodal one, weighted by al_loss twice, as the "
+                                            "official code)", choices=("paper", "joint_teacher"))
+    curriculum: bool = _flag(False, "the official curriculum: in epochs 1-250, every 50 epochs, each training "
+                                    "pair is followed by its k = 5 - epoch // 50 nearest other training pairs",
+                             boolean=True)
+    club: str = _flag("all_pairs", "CLUB expert pairs per modality per step: all_pairs (Eq. 9) or random_pair "
+                                   "(one random ordered pair, as the official code)",
+                      choices=("all_pairs", "random_pair"))
+
+    @classmethod
+    def from_preset(cls, preset: str = "paper", **overrides) -> Config:
+        """The Config of a preset (PRESETS) with some fields replaced."""
+        if preset not in PRESETS:
+            raise DataError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+        return cls(**{**PRESETS[preset], "preset": preset, **overrides})
 
     @property
     def hidden(self) -> int:
@@ -125,13 +180,13 @@ class Config:
         for name in ("epochs", "check_point", "n_exp", "bsize", "club_bsize", "csls_k", "il_step", "eval_chunk"):
             if getattr(self, name) < 1:
                 raise DataError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("save_every", "il_epochs", "fusion_weight_dim"):
+        for name in ("save_every", "il_epochs", "fusion_weight_dim", "router_balance"):
             if getattr(self, name) < 0:
                 raise DataError(f"--{name} must be >= 0, got {getattr(self, name)}")
         for name in ("lr", "q_lr", "tau_cl", "tau_al"):
             if not 0.0 < getattr(self, name) < math.inf:
                 raise DataError(f"--{name} must be a positive number, got {getattr(self, name)}")
-        for name in ("dropout", "attn_dropout"):
+        for name in ("dropout", "attn_dropout", "expert_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise DataError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
         try:
@@ -140,9 +195,21 @@ class Config:
             raise DataError(f"--device: {e}") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise DataError(f"--device {self.device}: CUDA is not available on this machine (use --device cpu)")
-        if self.amp not in AMP_DTYPES:
-            raise DataError(f"--amp must be one of {', '.join(AMP_DTYPES)}, got {self.amp!r}")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise DataError(f"--{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
         parse_without(self.without)
+
+
+# What each --preset sets; a flag given beside the preset wins. "paper" is the Config defaults.
+PRESETS: dict[str, dict] = {
+    "paper": {},
+    "official": dict(expert="linear", graph_moe=False, graph_residual=False, moe_input_norm="none",
+                     router="global", router_balance=0.0,
+                     feature_norm="official", missing="fill", loss_weighting="uncertainty",
+                     distill_direction="joint_teacher", curriculum=True, club="random_pair"),
+}
 
 
 def _positive_ints(flag: str, text: str) -> list[int]:
@@ -257,8 +324,10 @@ class MMKG:
     kg: np.ndarray  # (N,) 0 = KG1 (left), 1 = KG2 (right)
     links: np.ndarray  # (P, 2) gold aligned pairs (KG1 id, KG2 id)
     triples: np.ndarray  # (T, 3) h, r, t over both KGs
-    features: dict[str, np.ndarray]  # modality -> (N, F) float32, for the modalities with inputs
+    features: dict[str, np.ndarray]  # modality -> (N, F) float32, for the modalities with inputs (rows as
+    #                                  read: bag-of-words counts / indicators, text and image vectors raw)
     coverage: dict[str, float]  # modality -> fraction of entities with a real vector
+    present: dict[str, np.ndarray]  # modality -> (N,) bool: the entity has a real input (not a fill)
     notes: list[str]  # what the loader decided (disabled modalities, fills), for the log
 
     @property
@@ -373,18 +442,18 @@ def load_dataset(file_dir: str | Path, disabled: set[str] = frozenset(), seed: i
     triples = np.concatenate(triples)
 
     features: dict[str, np.ndarray] = {}
-    coverage: dict[str, float] = {}
+    present: dict[str, np.ndarray] = {}
     rng = np.random.default_rng(seed)
     if "rel_bow" not in disabled:
         features["rel_bow"] = relation_bow(triples, n)
-        coverage["rel_bow"] = float((features["rel_bow"].any(1)).mean())
+        present["rel_bow"] = features["rel_bow"].any(1)
     if "attr_bow" not in disabled:
         attrs = _read_attrs(root, names, kg)
         if attrs is None:
             notes.append("attr_bow: no training_attrs_1/2 files -> modality disabled")
         else:
             features["attr_bow"] = attribute_bow(attrs, n)
-            coverage["attr_bow"] = float((features["attr_bow"].any(1)).mean())
+            present["attr_bow"] = features["attr_bow"].any(1)
     for modality, fname in (("image", _image_file(root)), ("rel_text", "triples_feature_dict.pkl"),
                             ("attr_text", "attribute_feature_dict.pkl")):
         if modality in disabled:
@@ -393,15 +462,17 @@ def load_dataset(file_dir: str | Path, disabled: set[str] = frozenset(), seed: i
         if path is None or not path.is_file():
             notes.append(f"{modality}: no {fname or '*_id_img_feature_dict.pkl'} in {root} -> modality disabled")
             continue
-        mat, cov = _read_feature_pickle(path, n, rng)
+        mat, has = _read_feature_pickle(path, n, rng)
         if mat is None:
             notes.append(f"{modality}: {path.name} holds no vectors -> modality disabled")
             continue
-        features[modality], coverage[modality] = mat, cov
-        if cov < 1.0:
-            notes.append(f"{modality}: {path.name} covers {cov:.1%} of entities; the rest drawn from the "
-                         "per-dimension mean/std of the present vectors (seeded, as the official code did)")
-    data = MMKG(root, names, kg.astype(np.int64), links, triples, features, coverage, notes)
+        features[modality], present[modality] = mat, has
+        if not has.all():
+            notes.append(f"{modality}: {path.name} covers {has.mean():.1%} of entities; the rest drawn from the "
+                         "per-dimension mean/std of the present vectors (seeded, as the official code did; "
+                         "used only with --missing fill)")
+    coverage = {m: float(p.mean()) for m, p in present.items()}
+    data = MMKG(root, names, kg.astype(np.int64), links, triples, features, coverage, present, notes)
     if log:
         log.info(kv(dataset=str(root), entities=n, kg1=int((kg == 0).sum()), kg2=int((kg == 1).sum()),
                     links=len(links), triples=len(triples)))
@@ -422,7 +493,8 @@ def _image_file(root: Path) -> str | None:
 
 
 def _read_feature_pickle(path: Path, n: int, rng: np.random.Generator):
-    """dict id -> vector  ->  (N, F) float32 matrix with the missing rows filled, and coverage."""
+    """dict id -> vector  ->  (N, F) float32 matrix with the missing rows filled, and the (N,) mask of
+    the entities that have a vector."""
     try:
         with open(path, "rb") as f:
             obj = pickle.load(f)  # the official data format; only load pickles you trust
@@ -432,7 +504,7 @@ def _read_feature_pickle(path: Path, n: int, rng: np.random.Generator):
     if not isinstance(obj, dict):
         raise DataError(f"{path}: expected a pickled dict entity id -> vector, got {type(obj).__name__}")
     if not obj:
-        return None, 0.0
+        return None, None
     dim = None
     mat = None
     present = np.zeros(n, dtype=bool)
@@ -464,7 +536,7 @@ def _read_feature_pickle(path: Path, n: int, rng: np.random.Generator):
     if missing.any():
         mean, std = mat[present].mean(0), mat[present].std(0)
         mat[missing] = rng.normal(mean, std, size=(int(missing.sum()), dim)).astype(np.float32)
-    return mat, float(present.mean())
+    return mat, present
 
 
 def _read_attrs(root: Path, names: list[str], kg: np.ndarray):
@@ -492,7 +564,7 @@ def _read_attrs(root: Path, names: list[str], kg: np.ndarray):
 
 def relation_bow(triples: np.ndarray, n: int, top: int = BOW_TOP) -> np.ndarray:
     """(N, top) counts of the `top` most frequent relations over the triples where the entity is
-    head or tail, each row L2-normalised (rows of isolated entities stay zero)."""
+    head or tail (rows of isolated entities are zero; scaled later by ``normalise_features``)."""
     rels = np.concatenate([triples[:, 1], triples[:, 1]])
     ents = np.concatenate([triples[:, 0], triples[:, 2]])
     counts = np.bincount(rels)
@@ -502,11 +574,11 @@ def relation_bow(triples: np.ndarray, n: int, top: int = BOW_TOP) -> np.ndarray:
     sel = col[rels] >= 0
     mat = np.zeros((n, keep.size), dtype=np.float32)
     np.add.at(mat, (ents[sel], col[rels[sel]]), 1.0)
-    return _l2_rows(mat)
+    return mat
 
 
 def attribute_bow(attrs, n: int, top: int = BOW_TOP) -> np.ndarray:
-    """(N, top) binary indicators of the `top` most frequent attribute names, rows L2-normalised."""
+    """(N, top) binary indicators of the `top` most frequent attribute names."""
     freq: dict[str, int] = {}
     for _, names in attrs:
         for a in set(names):
@@ -519,7 +591,19 @@ def attribute_bow(attrs, n: int, top: int = BOW_TOP) -> np.ndarray:
             j = col.get(a)
             if j is not None:
                 mat[ent, j] = 1.0
-    return _l2_rows(mat)
+    return mat
+
+
+BOW_MODALITIES = ("rel_bow", "attr_bow")
+
+
+def normalise_features(features: dict[str, np.ndarray], scheme: str) -> dict[str, np.ndarray]:
+    """Row scaling of the input features (--feature_norm): 'l2' L2-normalises every row; 'official'
+    the text and image rows only (bag-of-words stay raw counts / indicators, as the official loader);
+    'bow_l2' the bag-of-words rows only. Zero rows stay zero. Returns new arrays."""
+    scaled = {"l2": set(features), "official": set(features) - set(BOW_MODALITIES),
+              "bow_l2": set(BOW_MODALITIES)}[scheme]
+    return {m: _l2_rows(x) if m in scaled else x.copy() for m, x in features.items()}
 
 
 def _l2_rows(mat: np.ndarray) -> np.ndarray:

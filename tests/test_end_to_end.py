@@ -42,7 +42,7 @@ def test_run_folder_is_complete(finished_run):
     assert "TEST" in res["best_test_epoch"]["note"]
     assert res["config"]["rate"] == 0.2
     history = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
-    assert [h["epoch"] for h in history] == [10, 20, 30, 40]
+    assert [h["epoch"] for h in history] == [0, 10, 20, 30, 40]  # 0: the untrained model
 
 
 def test_learns_far_above_chance(finished_run):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -165,13 +166,17 @@ def test_isolated_node_keeps_its_own_projection():
 # ---------------------------------------------------------------------------------------------
 
 
-def test_intra_modal_moe_equals_k_separate_experts():
+@pytest.mark.parametrize("input_norm", [True, False])
+def test_intra_modal_moe_equals_k_separate_experts(input_norm):
     torch.manual_seed(5)
     f, hid, d, k, b = 4, 3, 2, 3, 5
-    moe = IntraModalMoE(f, hid, d, k).double()
-    x = torch.randn(b, f, dtype=torch.float64)
-    mixed, experts, gate = moe(x)
+    moe = IntraModalMoE(f, hid, d, k, input_norm=input_norm).double()
+    raw = torch.randn(b, f, dtype=torch.float64) * 0.01 + 0.3
+    mixed, experts, gate = moe(raw)
     assert mixed.shape == (b, d) and experts.shape == (b, k, d) and gate.shape == (b, k)
+    x = raw
+    if input_norm:  # layer normalisation without affine parameters, by hand
+        x = (raw - raw.mean(1, keepdim=True)) / torch.sqrt(raw.var(1, unbiased=False, keepdim=True) + 1e-5)
     for i in range(b):
         logits = torch.stack([x[i] @ moe.gate.weight[j] + moe.gate.bias[j] for j in range(k)])  # Eq. 7
         g_ref = torch.exp(logits) / torch.exp(logits).sum()
@@ -215,7 +220,7 @@ def test_inter_modal_router_weights_and_weighted_concat():
     m, d, b = 3, 4, 5
     parts = [torch.randn(b, d, dtype=torch.float64) for _ in range(m)]
     for hidden in (0, 6):
-        router = InterModalRouter(m, d, hidden).double()
+        router = InterModalRouter(m, d, hidden, uniform_init=False).double()
         fused, w = router(parts)
         assert fused.shape == (b, m * d) and w.shape == (b, m)
         torch.testing.assert_close(w, torch.softmax(router.net(torch.cat(parts, 1)), 1))  # Eq. 10-11
@@ -225,6 +230,24 @@ def test_inter_modal_router_weights_and_weighted_concat():
         for i in range(b):
             torch.testing.assert_close(fused[i], torch.cat([w[i, j] * parts[j][i] for j in range(m)]))
         torch.testing.assert_close(fused, ref)
+
+
+def test_router_uniform_init_starts_at_one_over_m_and_masks_missing_modalities():
+    torch.manual_seed(9)
+    parts = [torch.randn(4, 3) for _ in range(3)]
+    for hidden in (0, 5):
+        router = InterModalRouter(3, 3, hidden)  # uniform_init by default
+        _, w = router(parts)
+        torch.testing.assert_close(w, torch.full((4, 3), 1 / 3))
+        with torch.no_grad():  # a trained router: per-entity logits
+            (router.net[-1] if hidden else router.net).weight.normal_()
+        present = torch.tensor([[1, 1, 1], [1, 0, 1], [0, 0, 1], [1, 1, 0]], dtype=torch.bool)
+        fused, w = router(parts, present)
+        full = torch.softmax(router.net(torch.cat(parts, 1)), 1)
+        ref = torch.where(present, full, torch.zeros_like(full))
+        torch.testing.assert_close(w, ref / ref.sum(1, keepdim=True))  # renormalised over what each has
+        assert (w[~present] == 0).all()
+        torch.testing.assert_close(fused[1, 3:6], torch.zeros(3))  # no part of the missing modality
 
 
 def test_uniform_fusion_weights_are_one_over_m():

@@ -14,6 +14,7 @@ from utils import (
     DataError,
     attribute_bow,
     load_dataset,
+    normalise_features,
     parse_without,
     read_pair_file,
     relation_bow,
@@ -58,7 +59,7 @@ def test_relation_bow_counts_head_and_tail_in_frequency_order(toy_dir):
               [1, 1, 0, 1],
               [1, 1, 0, 0],
               [0, 2, 0, 1]]
-    np.testing.assert_allclose(data.features["rel_bow"], _unit_rows(counts), rtol=1e-6)
+    np.testing.assert_array_equal(data.features["rel_bow"], counts)  # raw: scaled by --feature_norm later
     assert data.features["rel_bow"].dtype == np.float32
     assert data.coverage["rel_bow"] == 1.0
 
@@ -67,21 +68,35 @@ def test_relation_bow_keeps_only_the_most_frequent_relations(toy_dir):
     data = load_dataset(toy_dir, seed=0)
     top2 = relation_bow(data.triples, data.num_entities, top=2)  # r0 and r2 only
     counts = [[2, 0], [1, 0], [1, 0], [1, 1], [1, 1], [0, 2]]
-    np.testing.assert_allclose(top2, _unit_rows(counts), rtol=1e-6)
+    np.testing.assert_array_equal(top2, counts)
     # An entity whose relations are all cut off gets a zero row, not NaN.
     iso = relation_bow(np.array([[0, 0, 1], [0, 0, 1], [2, 1, 3]]), 4, top=1)
-    np.testing.assert_array_equal(iso, [[1], [1], [0], [0]])
+    np.testing.assert_array_equal(iso, [[2], [2], [0], [0]])
 
 
 def test_attribute_bow_is_binary_over_frequent_names(toy_dir):
     data = load_dataset(toy_dir, seed=0)
     # Vocabulary by entity frequency: name (5 entities), birth (2), height (1).
     ind = [[1, 1, 0], [1, 1, 0], [0, 0, 0], [1, 0, 0], [1, 0, 1], [1, 0, 0]]
-    np.testing.assert_allclose(data.features["attr_bow"], _unit_rows(ind), rtol=1e-6)
+    np.testing.assert_array_equal(data.features["attr_bow"], ind)
     assert data.coverage["attr_bow"] == pytest.approx(5 / 6)
+    np.testing.assert_array_equal(data.present["attr_bow"], [1, 1, 0, 1, 1, 1])  # a2 has no attribute
     top1 = attribute_bow([(0, ["x", "y"]), (1, ["y"]), (2, ["y", "y"])], 3, top=1)
     np.testing.assert_array_equal(top1, [[1], [1], [1]])
     assert BOW_TOP == 1000
+
+
+@pytest.mark.parametrize("scheme, scaled", [("l2", {"rel_bow", "attr_bow", "image", "rel_text"}),
+                                            ("official", {"image", "rel_text"}),
+                                            ("bow_l2", {"rel_bow", "attr_bow"})])
+def test_feature_norm_schemes_scale_the_named_rows_only(toy_dir, scheme, scaled):
+    data = load_dataset(toy_dir, seed=0)
+    out = normalise_features(data.features, scheme)
+    for m, x in data.features.items():
+        expected = _unit_rows(x) if m in scaled else x
+        np.testing.assert_allclose(out[m], expected, rtol=1e-6, err_msg=m)
+    assert not out["attr_bow"][2].any()  # a zero row (a2: no attribute) stays zero, not NaN
+    assert data.features["rel_bow"].max() == 2.0  # the loaded features are not changed
 
 
 def test_feature_pickles_sizes_from_files_and_partial_coverage(toy_dir):
@@ -95,6 +110,7 @@ def test_feature_pickles_sizes_from_files_and_partial_coverage(toy_dir):
         np.testing.assert_array_equal(rel[i], v)
     assert data.coverage["image"] == pytest.approx(4 / 6)
     assert data.coverage["rel_text"] == 1.0
+    np.testing.assert_array_equal(data.present["image"], [1, 1, 0, 1, 1, 0])  # the filled rows are marked
     assert np.isfinite(img).all()
     assert any("image" in note and "66.7%" in note for note in data.notes), data.notes
 

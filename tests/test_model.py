@@ -175,16 +175,20 @@ def test_train_epoch_equals_the_per_batch_per_equation_loop(tiny_data, inputs, w
     gen.set_state(state)
     out = model(torch.arange(inputs.num_entities), inputs)
     fused_cl, uni_cl, distill = 0.0, {}, {}
+    masked = 0
     for batch in loss_batches(train, cfg.bsize, gen):
         r1, r2 = torch.as_tensor(batch[:, 0]), torch.as_tensor(batch[:, 1])
         z1, z2 = out.fused[r1], out.fused[r2]
         fused_cl = fused_cl + contrastive_alignment_loss(z1, z2, cfg.tau_cl)
-        for m in model.modalities:
-            u1, u2 = out.unimodal[m][r1], out.unimodal[m][r2]
+        for j, m in enumerate(model.modalities):
+            keep = out.present[r1, j] & out.present[r2, j]  # --missing mask: pairs that both have m
+            masked += int((~keep).sum())
+            u1, u2, f1, f2 = out.unimodal[m][r1][keep], out.unimodal[m][r2][keep], z1[keep], z2[keep]
             if "cl" not in cfg.disabled:
                 uni_cl[m] = uni_cl.get(m, 0.0) + contrastive_alignment_loss(u1, u2, cfg.tau_cl)
             if "al" not in cfg.disabled:
-                distill[m] = distill.get(m, 0.0) + unimodal_distillation_loss(u1, u2, z1, z2, cfg.tau_al)
+                distill[m] = distill.get(m, 0.0) + unimodal_distillation_loss(u1, u2, f1, f2, cfg.tau_al)
+    assert masked > 0  # the tiny pair lacks some images: the masked path is exercised
     total = total_loss(fused_cl, uni_cl, torch.zeros(()), distill, cfg.cl_loss, cfg.al_loss, cfg.mi_loss)
     model.zero_grad(set_to_none=True)
     total.backward()

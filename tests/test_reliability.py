@@ -152,9 +152,9 @@ def test_nan_loss_term_stops_with_its_name_and_epoch(tiny_synthetic, tmp_path, m
     real_epoch, real_batch = train.train_epoch, train.batch_alignment_losses
     now = {}
 
-    def spy_epoch(*args):
+    def spy_epoch(*args, **kwargs):
         now["epoch"] = args[-1]
-        return real_epoch(*args)
+        return real_epoch(*args, **kwargs)
 
     def faulty_batch(*args, **kwargs):
         fused_cl, uni_cl, distill = real_batch(*args, **kwargs)
