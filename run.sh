@@ -10,7 +10,8 @@
 #            0 nothing, 1 image, 2 graph, 3 rel_bow, 4 rel_text, 5 attr_bow, 6 attr_text,
 #            7 cl (unimodal contrastive losses), 8 al (distillation); names (e.g. club, hmoe,
 #            "image,club") are passed through unchanged.
-# Anything from the first argument starting with "--" on is passed to train.py as it is.
+# Anything from the first argument starting with "--" on is passed to train.py as it is, e.g.
+#   bash run.sh 42 FB15K_DB15K 0.2 512 0 --preset official    # the official code's variant
 # The official loss-weight environment variables AL_LOSS, CL_LOSS, TAU_AL, TAU_CL are honoured.
 set -euo pipefail
 cd "$(dirname "$0")"

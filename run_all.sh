@@ -14,6 +14,9 @@
 #   --dataset-override D     run every line on dataset D ("default" = the embedded synthetic pair);
 #                            env DATASET_OVERRIDE does the same
 #   --out_dir DIR            parent of the run folders (default runs; env RUNS_DIR)
+#   --preset P               paper (default) or official (every departure of the official code,
+#                            train.py --preset); a non-paper preset's runs go to <out_dir>/<P>/, so
+#                            both presets' Table 1 lines keep separate run folders
 #   --report FILE            where the report goes (default <out_dir>/results.md, figures in
 #                            <out_dir>/figures); --no-report skips it
 #
@@ -83,10 +86,10 @@ f3_n_exp_9           | fig3   | n_exp=9           | plot-only | 42 FB15K_DB15K 0
 RUN_TABLE
 )
 
-usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; }
 
 list_only=0; only=""; override="${DATASET_OVERRIDE:-}"; out_dir="${RUNS_DIR:-runs}"
-report=""; do_report=1; extra=()
+report=""; do_report=1; extra=(); preset=paper
 while [ $# -gt 0 ]; do
   case "$1" in
     --list) list_only=1 ;;
@@ -96,6 +99,8 @@ while [ $# -gt 0 ]; do
     --dataset-override=*) override="${1#*=}" ;;
     --out_dir) out_dir="${2:?--out_dir needs a value}"; shift ;;
     --out_dir=*) out_dir="${1#*=}" ;;
+    --preset) preset="${2:?--preset needs a value}"; shift ;;
+    --preset=*) preset="${1#*=}" ;;
     --report) report="${2:?--report needs a value}"; shift ;;
     --no-report) do_report=0 ;;
     --run_name|--run_name=*|--resume|--resume=*)
@@ -105,6 +110,11 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
+case "$preset" in
+  paper) ;;
+  official) extra=(--preset "$preset" "${extra[@]}"); out_dir="$out_dir/$preset" ;;
+  *) echo "run_all.sh: unknown --preset '$preset' (paper or official)" >&2; exit 2 ;;
+esac
 report="${report:-$out_dir/results.md}"
 
 trim() { local s="$1"; s="${s#"${s%%[![:space:]]*}"}"; s="${s%"${s##*[![:space:]]}"}"; printf '%s' "$s"; }

@@ -220,6 +220,19 @@ def test_list_with_override_filter_and_pass_through(fake):
     assert fake.run("run_all.sh", "--run_name", "x", check=False).returncode == 2
 
 
+def test_preset_official_passes_through_into_its_own_run_folders(fake):
+    lines = fake.run("run_all.sh", "--list", "--only", "table1", "--preset", "official",
+                     "--out_dir", fake.out).stdout.splitlines()
+    assert len(lines) == 6
+    for line in lines:
+        argv = line.split("  # ")[0].split()
+        assert _flag(argv, "--preset") == "official" and _flag(argv, "--out_dir") == f"{fake.out}/official"
+    paper = fake.run("run_all.sh", "--list", "--only", "t1_db_20", "--out_dir", fake.out).stdout
+    assert "--preset" not in paper and f"--out_dir {fake.out} " in paper + " "
+    bad = fake.run("run_all.sh", "--list", "--preset", "mine", check=False)
+    assert bad.returncode == 2 and "unknown --preset" in bad.stderr
+
+
 def test_skips_finished_runs_and_resumes_interrupted_ones(fake):
     out = fake.out
     (out / "t1_db_20").mkdir(parents=True)
