@@ -1,4 +1,8 @@
-"""Neural building blocks of HUMEA, one per paper equation.
+"""Neural building blocks of HUMEA.
+
+Two parts: first the sparse-graph machinery the GAT runs on (SparseGraph, its CSR products with a
+hand-written backward, edge_softmax), which is no part of the paper; then the paper's modules, one
+per equation (search "Eq. 1", "Eq. 5", ...).
 
 Axis letters used in the shape comments:
     N entities (both KGs), E directed edges incl. self loops, H attention heads,
@@ -15,9 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# ---------------------------------------------------------------------------------------------
-# Sparse graph: message passing whose cost grows with E, never with N x N.
-# ---------------------------------------------------------------------------------------------
+# =============================================================================================
+# Part 1. Sparse-graph machinery: message passing whose cost grows with E, never with N x N.
+# =============================================================================================
 
 
 class SparseGraph:
@@ -185,6 +189,10 @@ def edge_softmax(scores: torch.Tensor, graph: SparseGraph) -> torch.Tensor:
     return ex / denom[graph.dst]
 
 
+# =============================================================================================
+# Part 2. The paper's modules.
+# =============================================================================================
+
 # ---------------------------------------------------------------------------------------------
 # Eq. 1: graph structure embedding, a 2-layer GAT with a diagonal weight.
 # ---------------------------------------------------------------------------------------------
@@ -304,7 +312,7 @@ class LinearNoisyMoE(nn.Module):
 
     W_g and W_n start at zero: the gate starts uniform and its noise at scale 0.01 + log 2."""
 
-    def __init__(self, in_dim: int, hidden: int, out_dim: int, num_experts: int):
+    def __init__(self, in_dim: int, out_dim: int, num_experts: int):
         super().__init__()
         self.center = nn.Parameter(torch.zeros(num_experts, in_dim))  # c_k
         self.weight = nn.Parameter(torch.randn(num_experts, in_dim, out_dim) * 0.02)  # A_k
@@ -334,7 +342,7 @@ class PassThrough(nn.Module):
 class LinearProjection(nn.Module):
     """The 'w/o HMoE' ablation's encoder: one linear layer per modality, no experts, no gate."""
 
-    def __init__(self, in_dim: int, hidden: int, out_dim: int, num_experts: int = 1):
+    def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
         self.proj = nn.Linear(in_dim, out_dim)
 
@@ -402,7 +410,7 @@ class GlobalModalityWeights(nn.Module):
     ``hidden`` (fusion_weight_dim) > 0 computes the logits as Linear(q) of a learned query q of that
     size; 0 learns them directly. ``present`` (B, M) zeroes the weight of a modality an entity lacks."""
 
-    def __init__(self, modalities, dim: int, hidden: int = 0, top: int = 5):
+    def __init__(self, modalities, hidden: int = 0, top: int = 5):
         super().__init__()
         combos = [c for c in MODALITY_COMBINATIONS if any(m in modalities for m in c)]
         combos += [(m,) for m in modalities if not any(m in c for c in combos)]  # e.g. a new modality
@@ -435,7 +443,7 @@ class UniformFusion(nn.Module):
     """The 'w/o HMoE' ablation's fusion: plain concatenation with equal weights 1/M (1 / the number
     of modalities the entity has, when ``present`` masks some)."""
 
-    def __init__(self, num_modalities: int, dim: int, hidden: int = 0):
+    def __init__(self, num_modalities: int):
         super().__init__()
         self.num_modalities = num_modalities
 

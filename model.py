@@ -6,13 +6,14 @@ K experts per modality, M active modalities.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data_process.dataset import MMKG, normalise_features
 from layers import (
     GlobalModalityWeights,
     GraphStructureEncoder,
@@ -25,7 +26,40 @@ from layers import (
     UniformFusion,
 )
 from loss import UncertaintyWeights
-from utils import AMP_DTYPES, MMKG, MODALITIES, Config, normalise_features
+from utils import AMP_DTYPES, MODALITIES, Config, Switches
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What HUMEA is built from, taken once from the run's Config (``from_config``); the model sees
+    no run-level setting (folders, resumption, training schedule). Field meanings: utils.Config."""
+
+    hidden: int  # D, the size of every network's output (the last of --hidden_units)
+    gat_layers: int  # GAT layers (entries of --heads)
+    heads: int  # attention heads per GAT layer (Config.validate: the same in every layer)
+    n_exp: int  # K, experts per modality
+    fusion_weight_dim: int  # hidden width of the inter-modal router (0 = one linear layer)
+    dropout: float  # on the GAT layer inputs
+    attn_dropout: float  # on the GAT attention coefficients
+    expert_dropout: float  # on the FFN experts' hidden layer
+    amp: str  # autocast of the experts and the router: "none" or "bf16"
+    expert: str  # "ffn" (Eq. 5) or "linear" (the official code's experts)
+    graph_moe: bool
+    graph_residual: bool
+    moe_input_norm: str  # "layernorm" or "none"
+    router: str  # "entity" (Eq. 11) or "global"
+    router_init: str  # "uniform" or "default"
+    loss_weighting: str  # "sum" (Eq. 17) or "uncertainty"
+    switches: Switches = field(default_factory=Switches)  # --without
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> ModelConfig:
+        heads = cfg.heads.split(",")
+        return cls(hidden=cfg.hidden, gat_layers=len(heads), heads=int(heads[0]), n_exp=cfg.n_exp,
+                   fusion_weight_dim=cfg.fusion_weight_dim, dropout=cfg.dropout, attn_dropout=cfg.attn_dropout,
+                   expert_dropout=cfg.expert_dropout, amp=cfg.amp, expert=cfg.expert, graph_moe=cfg.graph_moe,
+                   graph_residual=cfg.graph_residual, moe_input_norm=cfg.moe_input_norm, router=cfg.router,
+                   router_init=cfg.router_init, loss_weighting=cfg.loss_weighting, switches=cfg.switches)
 
 
 @dataclass
@@ -40,7 +74,7 @@ class ModelInputs:
 
     @classmethod
     def from_data(cls, data: MMKG, device, feature_norm: str = "l2", missing: str = "mask") -> ModelInputs:
-        """``feature_norm``: row scaling of the features (utils.normalise_features). ``missing``: 'mask'
+        """``feature_norm``: row scaling of the features (data_process.dataset.normalise_features). ``missing``: 'mask'
         keeps the loader's masks of the real inputs; 'fill' treats filled rows as real inputs."""
         graph = SparseGraph.undirected_with_self_loops(
             torch.from_numpy(data.triples[:, 0]), torch.from_numpy(data.triples[:, 2]), data.num_entities)
@@ -71,30 +105,30 @@ class Embeddings:
     present: torch.Tensor | None = None  # (B, M) bool: the entity has the modality; None = all have all
 
 
-def active_modalities(cfg: Config, available) -> tuple[str, ...]:
+def active_modalities(switches: Switches, available) -> tuple[str, ...]:
     """Modalities with inputs, minus the ones switched off, in the canonical order."""
     on = set(available) | {"graph"}
-    return tuple(m for m in MODALITIES if m in on and m not in cfg.disabled)
+    return tuple(m for m in MODALITIES if m in on and m not in switches.modalities_off)
 
 
 class HUMEA(nn.Module):
-    def __init__(self, cfg: Config, inputs: ModelInputs):
+    def __init__(self, cfg: ModelConfig, inputs: ModelInputs):
         super().__init__()
-        self.modalities = active_modalities(cfg, inputs.features)
+        self.modalities = active_modalities(cfg.switches, inputs.features)
         if not self.modalities:
             raise ValueError("every modality is switched off; nothing to align with")
         d = cfg.hidden
         if "graph" in self.modalities:
-            heads = [int(h) for h in cfg.heads.split(",")]
-            self.graph_encoder = GraphStructureEncoder(inputs.num_entities, d, heads=heads[0], layers=len(heads),
-                                                       dropout=cfg.dropout, attn_dropout=cfg.attn_dropout)
+            self.graph_encoder = GraphStructureEncoder(inputs.num_entities, d, heads=cfg.heads,
+                                                       layers=cfg.gat_layers, dropout=cfg.dropout,
+                                                       attn_dropout=cfg.attn_dropout)
         in_dims = {m: (d if m == "graph" else inputs.features[m].shape[1]) for m in self.modalities}
         self.experts = nn.ModuleDict({m: _intra_modal(cfg, m, in_dims[m]) for m in self.modalities})
         m = len(self.modalities)
-        if "hmoe" in cfg.disabled:
-            self.fusion = UniformFusion(m, d)
+        if not cfg.switches.use_hmoe:
+            self.fusion = UniformFusion(m)
         elif cfg.router == "global":
-            self.fusion = GlobalModalityWeights(self.modalities, d, cfg.fusion_weight_dim)
+            self.fusion = GlobalModalityWeights(self.modalities, cfg.fusion_weight_dim)
         else:
             self.fusion = InterModalRouter(m, d, cfg.fusion_weight_dim, uniform_init=cfg.router_init == "uniform")
         # --loss_weighting uncertainty: learned log-variances of the unimodal CL and AL losses (trained
@@ -164,14 +198,14 @@ class HUMEA(nn.Module):
                           cat(lambda p: p.present) if parts and parts[0].present is not None else None)
 
 
-def _intra_modal(cfg: Config, modality: str, in_dim: int) -> nn.Module:
+def _intra_modal(cfg: ModelConfig, modality: str, in_dim: int) -> nn.Module:
     """The intra-modal encoder of one modality (Eq. 5-7, or the option that replaces it)."""
     d = cfg.hidden
-    if "hmoe" in cfg.disabled:
-        return LinearProjection(in_dim, d, d)
+    if not cfg.switches.use_hmoe:
+        return LinearProjection(in_dim, d)
     if modality == "graph" and (cfg.expert == "linear" or not cfg.graph_moe):
         return PassThrough()
     if cfg.expert == "linear":
-        return LinearNoisyMoE(in_dim, d, d, cfg.n_exp)
+        return LinearNoisyMoE(in_dim, d, cfg.n_exp)
     return IntraModalMoE(in_dim, d, d, cfg.n_exp, input_norm=cfg.moe_input_norm == "layernorm",
                          dropout=cfg.expert_dropout, residual=modality == "graph" and cfg.graph_residual)

@@ -3,30 +3,41 @@
     python train.py                                   # the embedded synthetic default
     python train.py --file_dir data/mmkb-datasets/FB15K_DB15K --rate 0.2 --fusion_weight_dim 512
 
-Every run writes a folder under --out_dir: config.json, log.txt, metrics.jsonl (one line per
-evaluation), checkpoint.pt (resumable, reloadable), entity_embeddings.npy, modality_weights.npy,
-expert_gates.npz, predictions.tsv (test entities, with names) and, last, results.json.
+``main`` runs three phases: set up (or resume) the run, the epoch loop (train; every --check_point
+epochs evaluate, every --il_step epochs of iterative training add pseudo-labels, every --save_every
+epochs checkpoint), and finish (outputs and the summary). Every run writes a folder under --out_dir:
+config.json, log.txt, metrics.jsonl (one line per evaluation), checkpoint.pt (resumable,
+reloadable), entity_embeddings.npy, modality_weights.npy, expert_gates.npz, predictions.tsv (test
+entities, with names; these four not with --no-save_outputs) and, last, results.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
+import importlib.metadata
 import json
 import logging
 import logging.handlers
+import os
+import platform
 import random
+import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from data_process.dataset import MMKG, Split, load_dataset, read_pair_file, split_links, write_pair_file
 from layers import PassThrough
 from loss import CLUBDisentanglement, batch_alignment_losses, random_expert_pairs, total_loss
-from model import HUMEA, ModelInputs
+from model import HUMEA, ModelConfig, ModelInputs
 from utils import (
     PRESETS,
     Config,
@@ -34,19 +45,12 @@ from utils import (
     atomic_torch_save,
     atomic_write,
     atomic_write_json,
-    config_dict,
     evaluate_alignment,
-    finite_or_raise,
     get_logger,
     kv,
-    load_dataset,
     mutual_nearest_pairs,
-    pair_overlap,
-    read_pair_file,
     release_free_heap,
     set_seed,
-    split_links,
-    write_pair_file,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -54,12 +58,20 @@ from utils import (
 # ---------------------------------------------------------------------------------------------
 
 
-def parse_args(argv=None) -> Config:
+class Invocation(NamedTuple):
+    """What the command line asks for: the run's Config and how to use it. ``eval_only`` is an action,
+    not part of the run's configuration: it is never saved into config.json."""
+
+    cfg: Config
+    eval_only: bool = False
+
+
+def parse_args(argv=None) -> Invocation:
     """Flags over the defaults of the chosen --preset (utils.PRESETS): a flag given beside it wins."""
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--preset", default="paper", choices=tuple(PRESETS))
     known, _ = first.parse_known_args(argv)
-    defaults = dataclasses.asdict(Config.from_preset(known.preset))
+    defaults = Config.from_preset(known.preset).to_dict()
     p = argparse.ArgumentParser(description="Train HUMEA (multi-modal entity alignment).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
@@ -72,16 +84,18 @@ def parse_args(argv=None) -> Config:
                            choices=meta.get("choices"))
     p.add_argument("--eval_only", action="store_true",
                    help="with --resume: load the run's checkpoint, evaluate on its test pairs and print the metrics")
-    args = p.parse_args(argv)
-    eval_only = args.__dict__.pop("eval_only")
-    cfg = Config(**vars(args))
-    cfg.eval_only = eval_only  # not part of the saved config
-    return cfg
+    args = vars(p.parse_args(argv))
+    eval_only = args.pop("eval_only")
+    return Invocation(Config(**args), eval_only)
 
 
 # ---------------------------------------------------------------------------------------------
-# Small named helpers of the training loop.
+# The run folder: its name, its log, its checkpoint, resumption and the final outputs.
 # ---------------------------------------------------------------------------------------------
+
+# The files of a run folder written by utils.atomic_write (through a temporary ".<name>.XXXX" file).
+OUTPUT_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "entity_embeddings.npy", "modality_weights.npy",
+                "expert_gates.npz", "predictions.tsv", "train_ill_final.tsv", "results.json")
 
 
 def dataset_dir(cfg: Config) -> Path:
@@ -93,9 +107,205 @@ def dataset_dir(cfg: Config) -> Path:
 
 
 def run_folder(cfg: Config, data_root: Path) -> Path:
+    off = cfg.switches.off
     name = cfg.run_name or f"{data_root.name}_r{cfg.rate}_s{cfg.seed}" + (
-        f"_wo-{'-'.join(sorted(cfg.disabled))}" if cfg.disabled else "") + ("_il" if cfg.il else "")
+        f"_wo-{'-'.join(off)}" if off else "") + ("_il" if cfg.il else "")
     return Path(cfg.out_dir) / name
+
+
+def refuse_existing_run(run: Path) -> None:
+    """A new run never writes into the folder of an earlier one that got as far as a checkpoint."""
+    if (run / "results.json").exists() or (run / "checkpoint.pt").exists():
+        raise DataError(f"{run} already holds a run; use --resume {run} to continue it, or --run_name / "
+                        "--out_dir for a new one (nothing was overwritten)")
+
+
+def open_run_log(run: Path, early: logging.handlers.BufferingHandler) -> logging.Logger:
+    """Attach the run folder's log.txt (appended to on resume) and write into it the lines logged
+    before the folder existed: the folder is created only once the inputs are known to be good."""
+    records = list(early.buffer)
+    log = get_logger(run / "log.txt")
+    for handler in log.handlers:
+        if isinstance(handler, logging.FileHandler):
+            for record in records:
+                handler.handle(record)
+    return log
+
+
+def remove_partial_writes(run: Path) -> None:
+    """Temporary files of atomic writes cut short by a kill; no reader ever relies on them."""
+    for name in OUTPUT_FILES:
+        for tmp in run.glob(f".{name}.*"):
+            tmp.unlink(missing_ok=True)
+
+
+def snapshot(model, club, opt, q_opt, gen, epoch, state) -> dict:
+    """Everything a resumed run needs to continue exactly: ``epoch`` = epochs done so far."""
+    return {"model": model.state_dict(), "club": club.state_dict() if club else None,
+            "opt": opt.state_dict(), "q_opt": q_opt.state_dict() if q_opt else None,
+            "epoch": epoch, "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "numpy_rng": np.random.get_state(), "python_rng": random.getstate(), **state}
+
+
+def restore(ckpt: dict, model, club, opt, q_opt, gen) -> None:
+    """Load a snapshot's states; the RNGs last, so that nothing drawn while building the model leaks in."""
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    if club is not None:
+        club.load_state_dict(ckpt["club"])
+        q_opt.load_state_dict(ckpt["q_opt"])
+    gen.set_state(ckpt["gen"])
+    torch.set_rng_state(ckpt["torch_rng"])
+    np.random.set_state(ckpt["numpy_rng"])
+    random.setstate(ckpt["python_rng"])
+
+
+def load_checkpoint(run: Path) -> dict:
+    path = run / "checkpoint.pt"
+    if not path.is_file():
+        raise DataError(f"--resume {run}: no checkpoint.pt in that folder (a run killed before its first "
+                        "checkpoint has nothing to resume: start it again without --resume)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)  # our own file: numpy RNG states inside
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is a bad input here
+        raise DataError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})") from e
+
+
+# Flags that may differ between a run and its resumption: where it runs, how it is resumed, and
+# whether the final arrays are written (nothing that changes the training).
+RESUME_FREE = ("resume", "device", "save_outputs")
+
+
+def resumed_config(cfg: Config, saved: dict) -> Config:
+    """A resumed run keeps its saved configuration. A flag given with --resume that differs from both
+    its default and the saved value would be silently ignored, so it is an error instead."""
+    try:
+        out = Config(**{k: v for k, v in saved.items() if k != "provenance"})
+    except TypeError as e:
+        raise DataError(f"--resume {cfg.resume}: the checkpoint's configuration does not match this version "
+                        f"of train.py ({e})") from None
+    default = Config.from_preset(cfg.preset)
+    for f in dataclasses.fields(Config):
+        given = getattr(cfg, f.name)
+        if f.name not in RESUME_FREE and given != getattr(default, f.name) and given != getattr(out, f.name):
+            raise DataError(f"--resume {cfg.resume}: --{f.name} {given} differs from the resumed run's "
+                            f"{getattr(out, f.name)}; a resumed run keeps its configuration (only --device and "
+                            "--save_outputs may change): start a new run to change it")
+    return dataclasses.replace(out, device=cfg.device, save_outputs=cfg.save_outputs)
+
+
+def finished_run(run: Path, log: logging.Logger) -> dict:
+    """--resume of a finished run: report its results, train and write nothing."""
+    results = json.loads((run / "results.json").read_text(encoding="utf-8"))
+    log.info(f"{run} is finished (results.json present): nothing to resume; its results:")
+    print(format_results(results))
+    return results
+
+
+def _now() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def _git(*args: str) -> str | None:
+    try:
+        p = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), *args], capture_output=True,
+                           text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return p.stdout.strip() if p.returncode == 0 else None
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def provenance(device: torch.device, data_root: Path) -> dict:
+    """Where this session of a run comes from: the code (git commit; dirty = tracked files differ from
+    it), the library versions, the device and the dataset folder. Null where unknown."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {"git_commit": _git("rev-parse", "HEAD"), "git_dirty": None if status is None else bool(status),
+            "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+            "transformers": _version("transformers"), "device": str(device), "device_name": _device_name(device),
+            "threads": torch.get_num_threads(), "dataset": str(data_root.resolve()), "started": _now()}
+
+
+def write_outputs(run: Path, model: HUMEA, inputs: ModelInputs, data: MMKG, test_pairs: np.ndarray, cfg: Config):
+    """The last epoch's test metrics in both directions; with --save_outputs also the final embeddings,
+    router weights, expert gates and the test predictions with names."""
+    ids = np.arange(data.num_entities)
+    out = model.embed(ids, inputs)
+    res = evaluate_alignment(out.fused, test_pairs, csls_k=cfg.csls_k, use_csls=cfg.csls,
+                             chunk=cfg.eval_chunk, with_predictions=cfg.save_outputs)
+    if not cfg.save_outputs:
+        return res
+    atomic_write(run / "entity_embeddings.npy", lambda f: np.save(f, out.fused.cpu().numpy()), "wb")
+    atomic_write(run / "modality_weights.npy", lambda f: np.save(f, out.weights.cpu().numpy()), "wb")
+    gates = {m: g.cpu().numpy() for m, g in out.gates.items()}
+    atomic_write(run / "expert_gates.npz", lambda f: np.savez(f, modalities=np.array(model.modalities), **gates), "wb")
+    p = res["predictions"]
+    names = data.names
+    columns = ("left_id", "left_name", "pred_right_id", "pred_right_name", "score", "gold_right_id",
+               "gold_right_name", "correct", "rank")
+    header = "\t".join(columns) + "\n"
+    lines = [f"{lft}\t{names[lft]}\t{pr}\t{names[pr]}\t{s:.5f}\t{g}\t{names[g]}\t{int(pr == g)}\t{r:g}\n"
+             for lft, pr, s, g, r in zip(p["left"], p["pred_right"], p["score"], p["gold_right"], p["rank"])]
+    atomic_write(run / "predictions.tsv", lambda f: f.writelines([header, *lines]))
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: the model, the batches, the curriculum and one epoch.
+# ---------------------------------------------------------------------------------------------
+
+
+def build_model(cfg: Config, inputs: ModelInputs, device):
+    """HUMEA, the optional CLUB networks and their two optimisers."""
+    try:
+        model = HUMEA(ModelConfig.from_config(cfg), inputs).to(device)
+    except ValueError as e:  # e.g. every modality switched off: a bad combination of flags and data
+        raise DataError(str(e)) from None
+    with_experts = [m for m in model.modalities if not isinstance(model.experts[m], PassThrough)]
+    switches = cfg.switches
+    use_club = switches.use_club and switches.use_hmoe and cfg.n_exp > 1 and with_experts
+    club = CLUBDisentanglement(with_experts, cfg.hidden, cfg.hidden).to(device) if use_club else None
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    q_opt = torch.optim.AdamW(club.parameters(), lr=cfg.q_lr) if club else None
+    return model, club, opt, q_opt
+
+
+def training_pairs(cfg: Config, data: MMKG, split: Split, log: logging.Logger) -> tuple[np.ndarray, dict]:
+    """The seed split's training pairs, or those of --train_ill_path with a count of how many of them
+    are gold test pairs (a leak of test labels into training, reported loudly)."""
+    if not cfg.train_ill_path:
+        pairs, leak = split.train, {}
+    else:
+        pairs = read_pair_file(cfg.train_ill_path, data)
+        n_gold_test = pair_overlap(pairs, split.test)
+        leak = {"train_ill_path": cfg.train_ill_path, "pairs": len(pairs), "gold_test_pairs": n_gold_test}
+        log.info(kv(train_ill_path=cfg.train_ill_path, pairs=len(pairs), gold_test_pairs=n_gold_test))
+        if n_gold_test:
+            leak["warning"] = (f"{n_gold_test} of the {len(pairs)} training pairs are gold TEST pairs: "
+                               "test labels reach training; numbers are not comparable with a clean split")
+            log.warning("WARNING: " + leak["warning"])
+    if len(pairs) == 0 or len(split.test) == 0:
+        raise DataError(f"--rate {cfg.rate} of {len(data.links)} aligned pairs leaves {len(pairs)} training and "
+                        f"{len(split.test)} test pairs; both must be non-empty")
+    return pairs, leak
 
 
 def loss_batches(pairs: np.ndarray, bsize: int, gen: torch.Generator, shuffle: bool = True):
@@ -147,14 +357,40 @@ def train_epoch(model: HUMEA, club: CLUBDisentanglement | None, inputs: ModelInp
     ``epoch`` is the number of this epoch (1 = the first; the numbering of metrics.jsonl), used only to
     name it when a loss term is NaN or infinite: FloatingPointError, raised before any parameter changes."""
     model.train()
-    dev = inputs.graph.src.device
     ents = np.unique(pairs)
     if club is not None:
         club.requires_grad_(False)  # Q_m is fitted by its own optimiser below, not by this loss
-    out = model(torch.as_tensor(ents, device=dev), inputs)
+    out = model(torch.as_tensor(ents, device=inputs.graph.src.device), inputs)
+    fused_cl, uni_cl, distill = alignment_losses(model, out, ents, pairs, cfg, gen, shuffle)  # Eq. 13-16
+    club_term, experts, club_pairs = club_bound(club, out, len(ents), cfg, gen)  # Eq. 9
+    total, terms = combined_loss(model, out, fused_cl, uni_cl, distill, club_term, cfg)  # Eq. 17
+    for name, value in terms.items():
+        finite_or_raise(name, torch.as_tensor(value).detach(), epoch)
+    terms = {k: float(torch.as_tensor(v).detach()) for k, v in terms.items()}
+    opt.zero_grad(set_to_none=True)
+    total.backward()
+    opt.step()
+    if club is not None:
+        # CLUB's variational networks Q_m are fitted by their own optimiser on detached outputs.
+        club.requires_grad_(True)
+        q_opt.zero_grad(set_to_none=True)
+        fit = club.q_fit_loss({m: e.detach() for m, e in experts.items()}, club_pairs)
+        finite_or_raise("club_q_fit", fit, epoch)
+        fit.backward()
+        q_opt.step()
+        terms["club_q_nll"] = float(fit.detach())
+    terms["loss"] = terms.pop("total")
+    return terms
+
+
+def alignment_losses(model: HUMEA, out, ents: np.ndarray, pairs: np.ndarray, cfg: Config, gen: torch.Generator,
+                     shuffle: bool):
+    """Eq. 13-16 summed over the epoch's loss batches: L_f^CL, {m: L_m^CL} and {m: L_m^AL} ({} when
+    switched off). ``out`` holds the embeddings of the sorted entities ``ents``."""
+    dev = out.fused.device
     fused_cl = 0.0
-    uni_cl = {m: 0.0 for m in model.modalities} if "cl" not in cfg.disabled else {}
-    distill = {m: 0.0 for m in model.modalities} if "al" not in cfg.disabled else {}
+    uni_cl = {m: 0.0 for m in model.modalities} if cfg.switches.use_cl else {}
+    distill = {m: 0.0 for m in model.modalities} if cfg.switches.use_al else {}
     batches = loss_batches(pairs, cfg.bsize, gen, shuffle)
     sizes, both = [len(b) for b in batches], np.concatenate(batches)  # (P, 2) in batch order
     rows1 = torch.as_tensor(np.searchsorted(ents, both[:, 0]), device=dev)
@@ -175,46 +411,41 @@ def train_epoch(model: HUMEA, club: CLUBDisentanglement | None, inputs: ModelInp
         f_cl, m_cl, m_al = batch_alignment_losses(
             fused1[i], fused2[i], {m: u[i] for m, u in uni1.items()}, {m: u[i] for m, u in uni2.items()},
             cfg.tau_cl, cfg.tau_al, unimodal_cl=bool(uni_cl), distill=bool(distill), present=present,
-            joint_teacher=cfg.distill_direction == "joint_teacher")  # Eq. 13-16
+            joint_teacher=cfg.distill_direction == "joint_teacher")
         fused_cl = fused_cl + f_cl
         for m in m_cl:
             uni_cl[m] = uni_cl[m] + m_cl[m]
         for m in m_al:
             distill[m] = distill[m] + m_al[m]
-    club_term = torch.zeros((), device=dev)
-    if club is not None:
-        rows = torch.randperm(len(ents), generator=gen)[:cfg.club_bsize].to(dev)
-        experts = {m: out.experts[m][rows] for m in club.q}  # (B, K, D)
-        club_pairs = random_expert_pairs(club.q, cfg.n_exp, gen) if cfg.club == "random_pair" else None
-        club_term = club(experts, club_pairs)  # Eq. 9
+    return fused_cl, uni_cl, distill
+
+
+def club_bound(club: CLUBDisentanglement | None, out, n_ents: int, cfg: Config, gen: torch.Generator):
+    """Eq. 9 on one random batch of ``club_bsize`` of the epoch's entities: (L_CLUB, the batch's expert
+    outputs {m: (B, K, D)}, the expert pairs of --club random_pair or None). Zero without CLUB."""
+    dev = out.fused.device
+    if club is None:
+        return torch.zeros((), device=dev), {}, None
+    rows = torch.randperm(n_ents, generator=gen)[:cfg.club_bsize].to(dev)
+    experts = {m: out.experts[m][rows] for m in club.q}  # (B, K, D)
+    club_pairs = random_expert_pairs(club.q, cfg.n_exp, gen) if cfg.club == "random_pair" else None
+    return club(experts, club_pairs), experts, club_pairs
+
+
+def combined_loss(model: HUMEA, out, fused_cl, uni_cl: dict, distill: dict, club_term, cfg: Config):
+    """Eq. 17 plus the router balance term: (total, {term name: value} for the log)."""
     weights = getattr(model, "loss_weights", None)  # --loss_weighting uncertainty
     # The official code multiplies its distillation loss by al_loss twice.
     al_weight = cfg.al_loss ** 2 if cfg.distill_direction == "joint_teacher" else cfg.al_loss
     total = total_loss(fused_cl, uni_cl, club_term, distill, cfg.cl_loss, al_weight, cfg.mi_loss,
                        weights["cl"] if weights else None, weights["al"] if weights else None)  # Eq. 17
-    balance = torch.zeros((), device=dev)
+    balance = torch.zeros((), device=out.fused.device)
     if cfg.router_balance > 0:
         balance = router_imbalance(out.weights, out.present)
         total = total + cfg.router_balance * balance
     terms = {"fused_cl": fused_cl, "uni_cl": sum(uni_cl.values(), 0.0), "distill": sum(distill.values(), 0.0),
              "club": club_term, "balance": balance, "total": total}
-    for name, value in terms.items():
-        finite_or_raise(name, torch.as_tensor(value).detach(), epoch)
-    terms = {k: float(torch.as_tensor(v).detach()) for k, v in terms.items()}
-    opt.zero_grad(set_to_none=True)
-    total.backward()
-    opt.step()
-    if club is not None:
-        # CLUB's variational networks Q_m are fitted by their own optimiser on detached outputs.
-        club.requires_grad_(True)
-        q_opt.zero_grad(set_to_none=True)
-        fit = club.q_fit_loss({m: e.detach() for m, e in experts.items()}, club_pairs)
-        finite_or_raise("club_q_fit", fit, epoch)
-        fit.backward()
-        q_opt.step()
-        terms["club_q_nll"] = float(fit.detach())
-    terms["loss"] = terms.pop("total")
-    return terms
+    return total, terms
 
 
 def router_imbalance(weights: torch.Tensor, present: torch.Tensor | None) -> torch.Tensor:
@@ -222,6 +453,23 @@ def router_imbalance(weights: torch.Tensor, present: torch.Tensor | None) -> tor
     m_e = weights.new_full((weights.shape[0],), weights.shape[1]) if present is None else present.sum(1).float()
     plogp = torch.where(weights > 0, weights * torch.log(weights.clamp_min(1e-30)), torch.zeros_like(weights))
     return (plogp.sum(1) + torch.log(m_e)).mean()
+
+
+def finite_or_raise(name: str, value: torch.Tensor, epoch: int) -> None:
+    if not bool(torch.isfinite(value).all()):
+        raise FloatingPointError(f"loss term '{name}' is {float(value)} at epoch {epoch}")
+
+
+def numerical_fault(e: FloatingPointError, run: Path, saved_epoch: int | None, cfg: Config) -> FloatingPointError:
+    """The NaN/inf message: which term, which epoch, and what is left on disk."""
+    kept = (f"the last good checkpoint, {run / 'checkpoint.pt'} (epoch {saved_epoch}), is kept" if saved_epoch
+            else f"it stopped before the first checkpoint (--save_every {cfg.save_every})")
+    return FloatingPointError(f"{e}; training stopped and {kept}; results.json was not written")
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation, the modality-health monitor and pseudo-labels.
+# ---------------------------------------------------------------------------------------------
 
 
 def evaluate(model: HUMEA, inputs: ModelInputs, pairs: np.ndarray, cfg: Config, with_predictions=False,
@@ -272,7 +520,7 @@ def health_warnings(health: dict) -> list[str]:
     return out
 
 
-def pseudo_label_step(model: HUMEA, inputs: ModelInputs, data, train_pairs: np.ndarray, cfg: Config):
+def pseudo_label_step(model: HUMEA, inputs: ModelInputs, data: MMKG, train_pairs: np.ndarray, cfg: Config):
     """Iterative training: mutual CSLS nearest neighbours among the entities that are in no
     training pair yet. Uses no label; the gold links are read only to report precision."""
     aligned = np.zeros(data.num_entities, dtype=bool)
@@ -284,192 +532,58 @@ def pseudo_label_step(model: HUMEA, inputs: ModelInputs, data, train_pairs: np.n
     return mutual_nearest_pairs(emb[:len(left)], emb[len(left):], left, right, cfg.csls_k, cfg.eval_chunk)
 
 
-def checkpoint_record(epoch: int, terms: dict, model, inputs, split, cfg: Config, sample, state: dict, tic: float,
-                      run: Path, log: logging.Logger) -> float:
-    """Evaluate (test, validation, modality health), append the record to the history and to
-    metrics.jsonl, log it; returns the new tic of the run's clock."""
-    record = {"epoch": epoch, **{k: round(v, 6) for k, v in terms.items()}}
-    record["test"], record["health"] = evaluate(model, inputs, split.test, cfg, health_ids=sample)
-    if len(split.valid):
-        record["valid"] = evaluate(model, inputs, split.valid, cfg)
-    tic = add_elapsed(state, tic)
-    record["seconds"] = round(state["seconds"], 2)
-    state["history"].append(record)
-    with open(run / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
-    t = record["test"]["avg"]
-    valid = {"valid_mrr": record["valid"]["avg"]["mrr"]} if "valid" in record else {}
-    loss = {"loss": terms["loss"]} if "loss" in terms else {}
-    log.info(kv(epoch=epoch, **loss, test_hits1=t["hits@1"], test_hits10=t["hits@10"], test_mrr=t["mrr"], **valid))
-    h = record["health"]
-    log.info("health " + " ".join(f"{m}:cos={h['cosine'][m]:.3f},w={h['weight'][m]:.3f}" for m in h["cosine"]))
-    for warning in health_warnings(h):
-        log.warning(f"WARNING epoch {epoch}: {warning}")
-    return tic
+def pair_overlap(pairs: np.ndarray, reference: np.ndarray) -> int:
+    """How many rows of ``pairs`` are also rows of ``reference``."""
+    if len(pairs) == 0 or len(reference) == 0:
+        return 0
+    ref = {(int(a), int(b)) for a, b in reference}
+    return sum((int(a), int(b)) in ref for a, b in pairs)
 
 
-def snapshot(model, club, opt, q_opt, gen, epoch, state) -> dict:
-    """Everything a resumed run needs to continue exactly: ``epoch`` = epochs done so far."""
-    return {"model": model.state_dict(), "club": club.state_dict() if club else None,
-            "opt": opt.state_dict(), "q_opt": q_opt.state_dict() if q_opt else None,
-            "epoch": epoch, "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
-            "numpy_rng": np.random.get_state(), "python_rng": random.getstate(), **state}
+# ---------------------------------------------------------------------------------------------
+# Progress a person can see.
+# ---------------------------------------------------------------------------------------------
+
+# Without a terminal: a line after the first epoch, then every PROGRESS_EVERY epochs or
+# PROGRESS_SECONDS seconds, whichever comes first.
+PROGRESS_EVERY, PROGRESS_SECONDS = 10, 60.0
 
 
-def restore(ckpt: dict, model, club, opt, q_opt, gen) -> None:
-    """Load a snapshot's states; the RNGs last, so that nothing drawn while building the model leaks in."""
-    model.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["opt"])
-    if club is not None:
-        club.load_state_dict(ckpt["club"])
-        q_opt.load_state_dict(ckpt["q_opt"])
-    gen.set_state(ckpt["gen"])
-    torch.set_rng_state(ckpt["torch_rng"])
-    np.random.set_state(ckpt["numpy_rng"])
-    random.setstate(ckpt["python_rng"])
+class Progress:
+    """The epoch, the loss, the seconds per epoch and the estimated time left: a tqdm bar when stderr is
+    a terminal, else plain lines (a log file or a pipe shows them as they come)."""
+
+    def __init__(self, start: int, total: int, stream=None):
+        self.stream = stream or sys.stderr
+        self.start, self.total = start, total
+        self.t0 = self.last_line = time.perf_counter()
+        isatty = getattr(self.stream, "isatty", None)
+        self.bar = (tqdm(total=total, initial=start, desc="train", unit="epoch", dynamic_ncols=True,
+                         file=self.stream) if isatty and isatty() else None)
+
+    def update(self, epoch: int, loss: float, hits1: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.3f}", hits1=f"{hits1:.3f}", refresh=False)
+            self.bar.update(1)
+            return
+        now = time.perf_counter()
+        if not (epoch == self.start + 1 or epoch % PROGRESS_EVERY == 0 or epoch == self.total
+                or now - self.last_line >= PROGRESS_SECONDS):
+            return
+        self.last_line = now
+        per_epoch = (now - self.t0) / (epoch - self.start)
+        left = datetime.timedelta(seconds=round(per_epoch * (self.total - epoch)))
+        line = kv(epoch=f"{epoch}/{self.total}", loss=loss, sec_per_epoch=per_epoch, eta=str(left), test_hits1=hits1)
+        print(f"{time.strftime('%H:%M:%S')} progress {line}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
-def load_checkpoint(run: Path) -> dict:
-    path = run / "checkpoint.pt"
-    if not path.is_file():
-        raise DataError(f"--resume {run}: no checkpoint.pt in that folder (a run killed before its first "
-                        "checkpoint has nothing to resume: start it again without --resume)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)  # our own file: numpy RNG states inside
-    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is a bad input here
-        raise DataError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})") from e
-
-
-# Flags that may differ between a run and its resumption: where it runs, and how it is resumed.
-RESUME_FREE = ("resume", "device")
-
-
-def resumed_config(cfg: Config, saved: dict) -> Config:
-    """A resumed run keeps its saved configuration. A flag given with --resume that differs from both
-    its default and the saved value would be silently ignored, so it is an error instead."""
-    try:
-        out = Config(**saved)
-    except TypeError as e:
-        raise DataError(f"--resume {cfg.resume}: the checkpoint's configuration does not match this version "
-                        f"of train.py ({e})") from None
-    default = Config.from_preset(cfg.preset)
-    for f in dataclasses.fields(Config):
-        given = getattr(cfg, f.name)
-        if f.name not in RESUME_FREE and given != getattr(default, f.name) and given != getattr(out, f.name):
-            raise DataError(f"--resume {cfg.resume}: --{f.name} {given} differs from the resumed run's "
-                            f"{getattr(out, f.name)}; a resumed run keeps its configuration (only --device may "
-                            "change): start a new run to change it")
-    out.device = cfg.device
-    return out
-
-
-def refuse_existing_run(run: Path) -> None:
-    """A new run never writes into the folder of an earlier one that got as far as a checkpoint."""
-    if (run / "results.json").exists() or (run / "checkpoint.pt").exists():
-        raise DataError(f"{run} already holds a run; use --resume {run} to continue it, or --run_name / "
-                        "--out_dir for a new one (nothing was overwritten)")
-
-
-def finished_run(run: Path, log: logging.Logger) -> dict:
-    """--resume of a finished run: report its results, train and write nothing."""
-    results = json.loads((run / "results.json").read_text(encoding="utf-8"))
-    log.info(f"{run} is finished (results.json present): nothing to resume; its results:")
-    print(format_results(results))
-    return results
-
-
-def training_pairs(cfg: Config, data, split, log: logging.Logger) -> tuple[np.ndarray, dict]:
-    """The seed split's training pairs, or those of --train_ill_path with a count of how many of them
-    are gold test pairs (a leak of test labels into training, reported loudly)."""
-    if not cfg.train_ill_path:
-        pairs, leak = split.train, {}
-    else:
-        pairs = read_pair_file(cfg.train_ill_path, data)
-        n_gold_test = pair_overlap(pairs, split.test)
-        leak = {"train_ill_path": cfg.train_ill_path, "pairs": len(pairs), "gold_test_pairs": n_gold_test}
-        log.info(kv(train_ill_path=cfg.train_ill_path, pairs=len(pairs), gold_test_pairs=n_gold_test))
-        if n_gold_test:
-            leak["warning"] = (f"{n_gold_test} of the {len(pairs)} training pairs are gold TEST pairs: "
-                               "test labels reach training; numbers are not comparable with a clean split")
-            log.warning("WARNING: " + leak["warning"])
-    if len(pairs) == 0 or len(split.test) == 0:
-        raise DataError(f"--rate {cfg.rate} of {len(data.links)} aligned pairs leaves {len(pairs)} training and "
-                        f"{len(split.test)} test pairs; both must be non-empty")
-    return pairs, leak
-
-
-def build_model(cfg: Config, inputs: ModelInputs, device):
-    """HUMEA, the optional CLUB networks and their two optimisers."""
-    try:
-        model = HUMEA(cfg, inputs).to(device)
-    except ValueError as e:  # e.g. every modality switched off: a bad combination of flags and data
-        raise DataError(str(e)) from None
-    with_experts = [m for m in model.modalities if not isinstance(model.experts[m], PassThrough)]
-    use_club = "club" not in cfg.disabled and "hmoe" not in cfg.disabled and cfg.n_exp > 1 and with_experts
-    club = CLUBDisentanglement(with_experts, cfg.hidden, cfg.hidden).to(device) if use_club else None
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    q_opt = torch.optim.AdamW(club.parameters(), lr=cfg.q_lr) if club else None
-    return model, club, opt, q_opt
-
-
-def open_run_log(run: Path, early: logging.handlers.BufferingHandler) -> logging.Logger:
-    """Attach the run folder's log.txt (appended to on resume) and write into it the lines logged
-    before the folder existed: the folder is created only once the inputs are known to be good."""
-    records = list(early.buffer)
-    log = get_logger(run / "log.txt")
-    for handler in log.handlers:
-        if isinstance(handler, logging.FileHandler):
-            for record in records:
-                handler.handle(record)
-    return log
-
-
-# The files of a run folder written by utils.atomic_write (through a temporary ".<name>.XXXX" file).
-OUTPUT_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "entity_embeddings.npy", "modality_weights.npy",
-                "expert_gates.npz", "predictions.tsv", "train_ill_final.tsv", "results.json")
-
-
-def remove_partial_writes(run: Path) -> None:
-    """Temporary files of atomic writes cut short by a kill; no reader ever relies on them."""
-    for name in OUTPUT_FILES:
-        for tmp in run.glob(f".{name}.*"):
-            tmp.unlink(missing_ok=True)
-
-
-def add_elapsed(state: dict, tic: float) -> float:
-    """Add the wall time since ``tic`` to the run's seconds; returns the new tic. The seconds travel in
-    the checkpoint, so a resumed run counts the epochs it kept, not the ones lost to the kill."""
-    now = time.perf_counter()
-    state["seconds"] += now - tic
-    return now
-
-
-def numerical_fault(e: FloatingPointError, run: Path, saved_epoch: int | None, cfg: Config) -> FloatingPointError:
-    """The NaN/inf message: which term, which epoch, and what is left on disk."""
-    kept = (f"the last good checkpoint, {run / 'checkpoint.pt'} (epoch {saved_epoch}), is kept" if saved_epoch
-            else f"it stopped before the first checkpoint (--save_every {cfg.save_every})")
-    return FloatingPointError(f"{e}; training stopped and {kept}; results.json was not written")
-
-
-def write_outputs(run: Path, model: HUMEA, inputs: ModelInputs, data, test_pairs: np.ndarray, cfg: Config):
-    """Final embeddings, router weights, expert gates and the test predictions with names."""
-    ids = np.arange(data.num_entities)
-    out = model.embed(ids, inputs)
-    atomic_write(run / "entity_embeddings.npy", lambda f: np.save(f, out.fused.cpu().numpy()), "wb")
-    atomic_write(run / "modality_weights.npy", lambda f: np.save(f, out.weights.cpu().numpy()), "wb")
-    gates = {m: g.cpu().numpy() for m, g in out.gates.items()}
-    atomic_write(run / "expert_gates.npz", lambda f: np.savez(f, modalities=np.array(model.modalities), **gates), "wb")
-    res = evaluate_alignment(out.fused, test_pairs, csls_k=cfg.csls_k, use_csls=cfg.csls,
-                             chunk=cfg.eval_chunk, with_predictions=True)
-    p = res["predictions"]
-    names = data.names
-    columns = ("left_id", "left_name", "pred_right_id", "pred_right_name", "score", "gold_right_id",
-               "gold_right_name", "correct", "rank")
-    header = "\t".join(columns) + "\n"
-    lines = [f"{lft}\t{names[lft]}\t{pr}\t{names[pr]}\t{s:.5f}\t{g}\t{names[g]}\t{int(pr == g)}\t{r:g}\n"
-             for lft, pr, s, g, r in zip(p["left"], p["pred_right"], p["score"], p["gold_right"], p["rank"])]
-    atomic_write(run / "predictions.tsv", lambda f: f.writelines([header, *lines]))
-    return res
+# ---------------------------------------------------------------------------------------------
+# Results: selection rules, the summary and the printed table.
+# ---------------------------------------------------------------------------------------------
 
 
 def best_of(history, key: str):
@@ -489,130 +603,20 @@ def summarise(history, cfg: Config, extra: dict) -> dict:
                             "note": "selected on the TEST set (highest test MRR): the rule behind the paper's "
                                     "Table 1 and the official logs; optimistic, shown for comparison only"},
         "selection_metric": "mrr (mean of both directions)",
-        "config": config_dict(cfg), **extra,
+        "config": cfg.to_dict(), **extra,
     }
 
 
-# ---------------------------------------------------------------------------------------------
-# Main.
-# ---------------------------------------------------------------------------------------------
-
-
-def main(cfg: Config) -> dict:
-    cfg.validate()
-    eval_only = getattr(cfg, "eval_only", False)
-    ckpt = None
-    if cfg.resume:
-        run = Path(cfg.resume)
-        ckpt = load_checkpoint(run)
-        cfg = resumed_config(cfg, ckpt["config"])
-        if (run / "results.json").is_file() and not eval_only:
-            return finished_run(run, get_logger(None))
-    elif eval_only:
-        raise DataError("--eval_only needs --resume <run folder>: the run whose checkpoint to evaluate")
-    data_root = dataset_dir(cfg)
-    if ckpt is None:
-        run = run_folder(cfg, data_root)
-        refuse_existing_run(run)  # before anything is written
-    log = get_logger(None)
-    # Lines logged until the inputs are validated wait here: a run that fails on bad input
-    # creates no folder and touches no file.
-    early = logging.handlers.BufferingHandler(capacity=1 << 30)
-    log.addHandler(early)
-    set_seed(cfg.seed)
-    device = torch.device(cfg.device)
-
-    data = load_dataset(data_root, cfg.disabled, seed=cfg.seed, log=log)
-    split = split_links(data.links, cfg.rate, cfg.seed, cfg.val_ratio)
-    train_pairs, leak = training_pairs(cfg, data, split, log)
-    log.info(kv(train=len(train_pairs), valid=len(split.valid), test=len(split.test), rate=cfg.rate))
-
-    inputs = ModelInputs.from_data(data, device, cfg.feature_norm, cfg.missing)
-    model, club, opt, q_opt = build_model(cfg, inputs, device)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    log.info(kv(modalities=",".join(model.modalities), disabled=",".join(sorted(cfg.disabled)) or "none",
-                params=sum(p.numel() for p in model.parameters()), edges=inputs.graph.num_edges, device=device))
-
-    state = {"history": [], "pseudo_pairs": np.zeros((0, 2), dtype=np.int64), "pseudo_steps": [],
-             "config": config_dict(cfg), "seconds": 0.0, "curriculum": None}
-    start = 0
-    if ckpt is not None:
-        restore(ckpt, model, club, opt, q_opt, gen)
-        start = ckpt["epoch"]
-        state.update(history=ckpt["history"], pseudo_pairs=ckpt["pseudo_pairs"], seconds=ckpt["seconds"],
-                     pseudo_steps=ckpt.get("pseudo_steps", []), curriculum=ckpt.get("curriculum"))
-        log.info(kv(resumed_from=str(run), epoch=start, pseudo_pairs=len(state["pseudo_pairs"])))
-    if eval_only:
-        res = evaluate(model, inputs, split.test, cfg)
-        print(format_table({f"test (checkpoint, epoch {start})": res}))
-        return res
-
-    run.mkdir(parents=True, exist_ok=True)
-    log.removeHandler(early)
-    log = open_run_log(run, early)
-    remove_partial_writes(run)
-    atomic_write_json(run / "config.json", config_dict(cfg))
-    # metrics.jsonl is rewritten from the checkpoint's history, dropping lines written after it.
-    atomic_write(run / "metrics.jsonl", lambda f: f.writelines(json.dumps(h) + "\n" for h in state["history"]))
-    il_start = cfg.il_start if cfg.il_start >= 0 else cfg.epochs
-    sample = health_sample(split.test, cfg.seed)
-    tic = time.perf_counter()
-    if start == 0:  # epoch 0: the untrained model, and whether a modality is collapsed from the start
-        checkpoint_record(0, {}, model, inputs, split, cfg, sample, state, tic, run, log)
-        tic = time.perf_counter()
-    last_h1 = state["history"][-1]["test"]["avg"]["hits@1"] if state["history"] else float("nan")
-    saved_epoch = start or None
-    bar = tqdm(range(start + 1, cfg.total_epochs + 1), initial=start, total=cfg.total_epochs, desc="train",
-               dynamic_ncols=True, disable=None)
-    for epoch in bar:  # epoch = 1, 2, ...: the number of this epoch, and of epochs done at its end
-        current = np.concatenate([train_pairs, state["pseudo_pairs"]])
-        shuffle = True
-        if cfg.curriculum and epoch <= CURRICULUM_EPOCHS:
-            if (epoch - 1) % CURRICULUM_EVERY == 0 or state["curriculum"] is None:
-                k = CURRICULUM_K - (epoch - 1) // CURRICULUM_EVERY
-                state["curriculum"] = curriculum_pairs(model, inputs, current, k, gen, cfg.eval_chunk)
-                log.info(kv(epoch=epoch, curriculum_k=k, curriculum_pairs=len(state["curriculum"])))
-            current, shuffle = state["curriculum"], False
-        try:
-            terms = train_epoch(model, club, inputs, current, cfg, gen, opt, q_opt, epoch, shuffle=shuffle)
-        except FloatingPointError as e:
-            fault = numerical_fault(e, run, saved_epoch, cfg)
-            log.error(f"stopping: {fault}")
-            raise fault from None
-        if cfg.il and epoch > il_start and (epoch - il_start) % cfg.il_step == 0:
-            new = pseudo_label_step(model, inputs, data, current, cfg)
-            state["pseudo_pairs"] = np.concatenate([state["pseudo_pairs"], new])
-            correct = pair_overlap(new, data.links)
-            state["pseudo_steps"].append({"epoch": epoch, "new": len(new), "correct": correct})  # for reports
-            log.info(kv(epoch=epoch, pseudo_new=len(new), pseudo_total=len(state["pseudo_pairs"]),
-                        pseudo_new_precision=correct / max(len(new), 1)))
-        if epoch % cfg.check_point == 0 or epoch == cfg.total_epochs:
-            tic = checkpoint_record(epoch, terms, model, inputs, split, cfg, sample, state, tic, run, log)
-            last_h1 = state["history"][-1]["test"]["avg"]["hits@1"]
-        bar.set_postfix(loss=f"{terms['loss']:.3f}", hits1=f"{last_h1:.3f}")
-        if cfg.save_every and epoch % cfg.save_every == 0 and epoch < cfg.total_epochs:
-            tic = add_elapsed(state, tic)
-            atomic_torch_save(run / "checkpoint.pt", snapshot(model, club, opt, q_opt, gen, epoch, state))
-            saved_epoch = epoch
-    bar.close()
-    add_elapsed(state, tic)
-    atomic_torch_save(run / "checkpoint.pt", snapshot(model, club, opt, q_opt, gen, cfg.total_epochs, state))
-    final = write_outputs(run, model, inputs, data, split.test, cfg)
-    if cfg.il:
-        write_pair_file(run / "train_ill_final.tsv", np.concatenate([train_pairs, state["pseudo_pairs"]]))
-    extra = {"dataset": str(data_root), "run_dir": str(run), "modalities": list(model.modalities),
-             "pairs": {"train": len(train_pairs), "valid": len(split.valid), "test": len(split.test),
-                       "pseudo": len(state["pseudo_pairs"])},
-             **({"pseudo_steps": state["pseudo_steps"]} if cfg.il else {}),
-             "train_seconds": round(state["seconds"], 2),
-             "seconds_per_epoch": round(state["seconds"] / max(cfg.total_epochs, 1), 4),
-             "data_notes": data.notes, **({"train_ill": leak} if leak else {})}
-    results = summarise(state["history"], cfg, extra)
-    results["last_epoch"]["test_directions"] = {k: final[k] for k in ("l2r", "r2l")}
-    atomic_write_json(run / "results.json", results)  # written last: its presence marks a finished run
-    print(format_results(results))
-    log.info(f"run folder: {run}")
-    return results
+def rounded(obj, digits: int = 6):
+    """``obj`` with every float rounded to ``digits`` decimals, for reading (0.523, not 0.5229999999999999);
+    metrics.jsonl keeps the full precision."""
+    if isinstance(obj, float):
+        return round(obj, digits)
+    if isinstance(obj, dict):
+        return {k: rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [rounded(v, digits) for v in obj]
+    return obj
 
 
 def format_table(rows: dict) -> str:
@@ -636,9 +640,224 @@ def format_results(results: dict) -> str:
             + ("CSLS" if results["config"]["csls"] else "cosine") + ")")
 
 
+# ---------------------------------------------------------------------------------------------
+# Main: set up or resume the run, the epoch loop, finish.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Session:
+    """What the phases of one run share."""
+
+    cfg: Config
+    run: Path
+    log: logging.Logger
+    early: logging.handlers.BufferingHandler  # the lines logged before the run folder exists
+    data_root: Path
+    data: MMKG
+    split: Split
+    train_pairs: np.ndarray
+    leak: dict  # --train_ill_path's overlap with the test pairs
+    inputs: ModelInputs
+    model: HUMEA
+    club: CLUBDisentanglement | None
+    opt: torch.optim.Optimizer
+    q_opt: torch.optim.Optimizer | None
+    gen: torch.Generator
+    state: dict  # what the checkpoint carries besides the states: history, pseudo pairs, seconds, ...
+    start: int  # epochs done before this session
+    tic: float = 0.0  # the run clock: wall time since tic is not yet in state["seconds"]
+    saved_epoch: int | None = None  # the epoch of the checkpoint on disk
+
+    def snapshot(self, epoch: int) -> dict:
+        return snapshot(self.model, self.club, self.opt, self.q_opt, self.gen, epoch, self.state)
+
+    def add_elapsed(self) -> None:
+        """Add the wall time since ``tic`` to the run's seconds. The seconds travel in the checkpoint,
+        so a resumed run counts the epochs it kept, not the ones lost to the kill."""
+        now = time.perf_counter()
+        self.state["seconds"] += now - self.tic
+        self.tic = now
+
+
+def set_up(cfg: Config, run: Path | None, ckpt: dict | None) -> Session:
+    """Load and split the data, build the model, restore the checkpoint when resuming. Nothing is
+    written yet: a run that fails on bad input creates no folder and touches no file."""
+    data_root = dataset_dir(cfg)
+    if ckpt is None:
+        run = run_folder(cfg, data_root)
+        refuse_existing_run(run)  # before anything is written
+    log = get_logger(None)
+    early = logging.handlers.BufferingHandler(capacity=1 << 30)  # lines wait here until the folder exists
+    log.addHandler(early)
+    set_seed(cfg.seed)
+    device = torch.device(cfg.device)
+    data = load_dataset(data_root, cfg.switches.modalities_off, seed=cfg.seed, log=log)
+    split = split_links(data.links, cfg.rate, cfg.seed, cfg.val_ratio)
+    train_pairs, leak = training_pairs(cfg, data, split, log)
+    log.info(kv(train=len(train_pairs), valid=len(split.valid), test=len(split.test), rate=cfg.rate))
+    inputs = ModelInputs.from_data(data, device, cfg.feature_norm, cfg.missing)
+    model, club, opt, q_opt = build_model(cfg, inputs, device)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    log.info(kv(modalities=",".join(model.modalities), disabled=",".join(cfg.switches.off) or "none",
+                params=sum(p.numel() for p in model.parameters()), edges=inputs.graph.num_edges, device=device))
+    state = {"history": [], "pseudo_pairs": np.zeros((0, 2), dtype=np.int64), "pseudo_steps": [],
+             "config": cfg.to_dict(), "seconds": 0.0, "curriculum": None,
+             "provenance": provenance(device, data_root)}
+    start = 0
+    if ckpt is not None:
+        restore(ckpt, model, club, opt, q_opt, gen)
+        start = ckpt["epoch"]
+        state.update(history=ckpt["history"], pseudo_pairs=ckpt["pseudo_pairs"], seconds=ckpt["seconds"],
+                     pseudo_steps=ckpt.get("pseudo_steps", []), curriculum=ckpt.get("curriculum"))
+        first = ckpt.get("provenance") or {}
+        state["provenance"].update(started=first.get("started"), resumed=[
+            *first.get("resumed", []), {"epoch": start, "at": state["provenance"]["started"]}])
+        log.info(kv(resumed_from=str(run), epoch=start, pseudo_pairs=len(state["pseudo_pairs"])))
+    return Session(cfg, run, log, early, data_root, data, split, train_pairs, leak, inputs, model, club, opt, q_opt,
+                   gen, state, start, saved_epoch=start or None)
+
+
+def open_run_folder(s: Session) -> None:
+    """Create (or reopen) the run folder: log.txt, config.json with the provenance, and metrics.jsonl
+    rewritten from the checkpoint's history (dropping lines written after it)."""
+    s.run.mkdir(parents=True, exist_ok=True)
+    s.log.removeHandler(s.early)
+    s.log = open_run_log(s.run, s.early)
+    remove_partial_writes(s.run)
+    atomic_write_json(s.run / "config.json", {**s.cfg.to_dict(), "provenance": s.state["provenance"]})
+    atomic_write(s.run / "metrics.jsonl", lambda f: f.writelines(json.dumps(h) + "\n" for h in s.state["history"]))
+
+
+def checkpoint_record(s: Session, epoch: int, terms: dict, sample: np.ndarray) -> None:
+    """Evaluate (test, validation, modality health), append the record to the history and to
+    metrics.jsonl, log it."""
+    record = {"epoch": epoch, **{k: round(v, 6) for k, v in terms.items()}}
+    record["test"], record["health"] = evaluate(s.model, s.inputs, s.split.test, s.cfg, health_ids=sample)
+    if len(s.split.valid):
+        record["valid"] = evaluate(s.model, s.inputs, s.split.valid, s.cfg)
+    s.add_elapsed()
+    record["seconds"] = round(s.state["seconds"], 2)
+    s.state["history"].append(record)
+    with open(s.run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    t = record["test"]["avg"]
+    valid = {"valid_mrr": record["valid"]["avg"]["mrr"]} if "valid" in record else {}
+    loss = {"loss": terms["loss"]} if "loss" in terms else {}
+    s.log.info(kv(epoch=epoch, **loss, test_hits1=t["hits@1"], test_hits10=t["hits@10"], test_mrr=t["mrr"], **valid))
+    h = record["health"]
+    s.log.info("health " + " ".join(f"{m}:cos={h['cosine'][m]:.3f},w={h['weight'][m]:.3f}" for m in h["cosine"]))
+    for warning in health_warnings(h):
+        s.log.warning(f"WARNING epoch {epoch}: {warning}")
+
+
+def epoch_pairs(s: Session, epoch: int) -> tuple[np.ndarray, bool]:
+    """The pairs epoch ``epoch`` trains on and whether to shuffle them: the seed (and pseudo) pairs,
+    or during the official curriculum (--curriculum) its neighbour groups, in order."""
+    current = np.concatenate([s.train_pairs, s.state["pseudo_pairs"]])
+    if not (s.cfg.curriculum and epoch <= CURRICULUM_EPOCHS):
+        return current, True
+    if (epoch - 1) % CURRICULUM_EVERY == 0 or s.state["curriculum"] is None:
+        k = CURRICULUM_K - (epoch - 1) // CURRICULUM_EVERY
+        s.state["curriculum"] = curriculum_pairs(s.model, s.inputs, current, k, s.gen, s.cfg.eval_chunk)
+        s.log.info(kv(epoch=epoch, curriculum_k=k, curriculum_pairs=len(s.state["curriculum"])))
+    return s.state["curriculum"], False
+
+
+def add_pseudo_labels(s: Session, epoch: int, current: np.ndarray) -> None:
+    """Iterative training's step: new mutual nearest neighbours become training pairs."""
+    new = pseudo_label_step(s.model, s.inputs, s.data, current, s.cfg)
+    s.state["pseudo_pairs"] = np.concatenate([s.state["pseudo_pairs"], new])
+    correct = pair_overlap(new, s.data.links)
+    s.state["pseudo_steps"].append({"epoch": epoch, "new": len(new), "correct": correct})  # for reports
+    s.log.info(kv(epoch=epoch, pseudo_new=len(new), pseudo_total=len(s.state["pseudo_pairs"]),
+                  pseudo_new_precision=correct / max(len(new), 1)))
+
+
+def epoch_loop(s: Session) -> None:
+    """Train from epoch start + 1 to the last; evaluate, pseudo-label and checkpoint on the way."""
+    cfg, state = s.cfg, s.state
+    il_start = cfg.il_start if cfg.il_start >= 0 else cfg.epochs
+    sample = health_sample(s.split.test, cfg.seed)
+    s.tic = time.perf_counter()
+    if s.start == 0:  # epoch 0: the untrained model, and whether a modality is collapsed from the start
+        checkpoint_record(s, 0, {}, sample)
+        s.tic = time.perf_counter()
+    last_h1 = state["history"][-1]["test"]["avg"]["hits@1"] if state["history"] else float("nan")
+    progress = Progress(s.start, cfg.total_epochs)
+    for epoch in range(s.start + 1, cfg.total_epochs + 1):  # the number of this epoch, and of epochs done at its end
+        current, shuffle = epoch_pairs(s, epoch)
+        try:
+            terms = train_epoch(s.model, s.club, s.inputs, current, cfg, s.gen, s.opt, s.q_opt, epoch, shuffle=shuffle)
+        except FloatingPointError as e:
+            fault = numerical_fault(e, s.run, s.saved_epoch, cfg)
+            s.log.error(f"stopping: {fault}")
+            raise fault from None
+        if cfg.il and epoch > il_start and (epoch - il_start) % cfg.il_step == 0:
+            add_pseudo_labels(s, epoch, current)
+        if epoch % cfg.check_point == 0 or epoch == cfg.total_epochs:
+            checkpoint_record(s, epoch, terms, sample)
+            last_h1 = state["history"][-1]["test"]["avg"]["hits@1"]
+        progress.update(epoch, terms["loss"], last_h1)
+        if cfg.save_every and epoch % cfg.save_every == 0 and epoch < cfg.total_epochs:
+            s.add_elapsed()
+            atomic_torch_save(s.run / "checkpoint.pt", s.snapshot(epoch))
+            s.saved_epoch = epoch
+    progress.close()
+    s.add_elapsed()
+
+
+def finish(s: Session) -> dict:
+    """The final checkpoint, the outputs and, written last, results.json (its presence marks a
+    finished run); prints the metrics table."""
+    cfg, state = s.cfg, s.state
+    atomic_torch_save(s.run / "checkpoint.pt", s.snapshot(cfg.total_epochs))
+    final = write_outputs(s.run, s.model, s.inputs, s.data, s.split.test, cfg)
+    if cfg.il:
+        write_pair_file(s.run / "train_ill_final.tsv", np.concatenate([s.train_pairs, state["pseudo_pairs"]]))
+    extra = {"dataset": str(s.data_root), "run_dir": str(s.run), "modalities": list(s.model.modalities),
+             "pairs": {"train": len(s.train_pairs), "valid": len(s.split.valid), "test": len(s.split.test),
+                       "pseudo": len(state["pseudo_pairs"])},
+             **({"pseudo_steps": state["pseudo_steps"]} if cfg.il else {}),
+             "train_seconds": round(state["seconds"], 2),
+             "seconds_per_epoch": round(state["seconds"] / max(cfg.total_epochs, 1), 4),
+             "data_notes": s.data.notes, **({"train_ill": s.leak} if s.leak else {})}
+    results = summarise(state["history"], cfg, extra)
+    results["last_epoch"]["test_directions"] = {k: final[k] for k in ("l2r", "r2l")}
+    results["provenance"] = {**state["provenance"], "finished": _now()}
+    print(format_results(results))
+    results = {**rounded({k: v for k, v in results.items() if k != "config"}), "config": results["config"]}
+    atomic_write_json(s.run / "results.json", results)  # written last: its presence marks a finished run
+    s.log.info(f"run folder: {s.run}")
+    return results
+
+
+def main(cfg: Config, eval_only: bool = False) -> dict:
+    """One run: set up or resume, the epoch loop, finish. With ``eval_only`` (and --resume): evaluate
+    the checkpoint on the test pairs and write nothing."""
+    cfg.validate()
+    run = ckpt = None
+    if cfg.resume:
+        run = Path(cfg.resume)
+        ckpt = load_checkpoint(run)
+        cfg = resumed_config(cfg, ckpt["config"])
+        if (run / "results.json").is_file() and not eval_only:
+            return finished_run(run, get_logger(None))
+    elif eval_only:
+        raise DataError("--eval_only needs --resume <run folder>: the run whose checkpoint to evaluate")
+    s = set_up(cfg, run, ckpt)
+    if eval_only:
+        res = evaluate(s.model, s.inputs, s.split.test, cfg)
+        print(format_table({f"test (checkpoint, epoch {s.start})": res}))
+        return res
+    open_run_folder(s)
+    epoch_loop(s)
+    return finish(s)
+
+
 def cli(argv=None) -> int:
     try:
-        main(parse_args(argv))
+        main(*parse_args(argv))
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

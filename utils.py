@@ -1,6 +1,7 @@
-"""Configuration, data loading, evaluation, seeding, logging and safe file writing.
+"""What several modules share: the modality table and the ablation switches, the run configuration,
+seeding and logging, safe file writing, and the evaluation.
 
-Axis letters: N entities, P aligned pairs, F feature size, Q query entities, C candidates.
+Axis letters: N entities, P aligned pairs, Q query entities, C candidates, L left entities.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import json
 import logging
 import math
 import os
-import pickle
 import random
 import sys
 import tempfile
@@ -22,22 +22,88 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# The six modalities, in the paper's order; every encoder, loss, log line and ablation follows it.
-MODALITIES = ("graph", "image", "rel_bow", "rel_text", "attr_bow", "attr_text")
-# The paper's symbols (Table 2: w/o g, v, r_b, r_t, a_b, a_t) are accepted as aliases.
-MODALITY_ALIASES = {"g": "graph", "v": "image", "r_b": "rel_bow", "r_t": "rel_text",
-                    "a_b": "attr_bow", "a_t": "attr_text", "img": "image"}
-# Switchable loss / architecture components (Table 2's last rows).
-COMPONENTS = ("cl", "al", "club", "hmoe")
-COMPONENT_HELP = {"cl": "unimodal contrastive losses L_m^CL (Eq. 15)",
-                  "al": "unimodal distillation losses L_m^AL (Eq. 16)",
-                  "club": "expert disentanglement loss L_CLUB (Eq. 9)",
-                  "hmoe": "hierarchical MoE (one linear layer per modality, uniform fusion)"}
-BOW_TOP = 1000  # bag-of-words vocabulary size (relations and attribute names), as in the paper
-
 
 class DataError(ValueError):
-    """Bad input: the message names the file, the line and what was expected."""
+    """Bad input (a file or a flag): the message names the file, the line and what was expected."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Modalities and ablation switches.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Modality:
+    """One row of MODALITY_TABLE. Adding a modality is adding a row (and its code to run.sh)."""
+
+    name: str  # canonical name: flags, log lines, output files
+    aliases: tuple[str, ...]  # other names --without accepts, the paper's symbol first (Table 2's "w/o v")
+    source: str  # its input: a feature pickle in the dataset folder ("{folder}" = the folder's name), or
+    #              "graph" (the GAT on the triples) or a builder of data_process.dataset (BUILDERS)
+    without_code: int  # the official integer <without> code that run.sh translates to this name
+
+
+# In the paper's order; every encoder, loss, log line and ablation follows it.
+MODALITY_TABLE = (
+    Modality("graph", ("g",), "graph", 2),
+    Modality("image", ("v", "img"), "{folder}_id_img_feature_dict.pkl", 1),
+    Modality("rel_bow", ("r_b",), "relation_bow", 3),
+    Modality("rel_text", ("r_t",), "triples_feature_dict.pkl", 4),
+    Modality("attr_bow", ("a_b",), "attribute_bow", 5),
+    Modality("attr_text", ("a_t",), "attribute_feature_dict.pkl", 6),
+)
+MODALITIES = tuple(m.name for m in MODALITY_TABLE)
+MODALITY_ALIASES = {a: m.name for m in MODALITY_TABLE for a in m.aliases}
+# Switchable loss / architecture components (Table 2's last rows): name -> (run.sh's integer
+# <without> code or None, what switching it off removes).
+COMPONENTS = {"cl": (7, "the unimodal contrastive losses L_m^CL (Eq. 15)"),
+              "al": (8, "the unimodal distillation losses L_m^AL (Eq. 16)"),
+              "club": (None, "the expert disentanglement loss L_CLUB (Eq. 9)"),
+              "hmoe": (None, "the hierarchical MoE: one linear layer per modality, uniform fusion")}
+
+
+def without_codes() -> dict[int, str]:
+    """run.sh's integer <without> codes -> names (0 = nothing switched off)."""
+    codes = {0: ""} | {m.without_code: m.name for m in MODALITY_TABLE}
+    return codes | {code: name for name, (code, _) in COMPONENTS.items() if code is not None}
+
+
+def parse_without(text: str) -> list[str]:
+    """'image,cl' or 'v' -> canonical names; unknown names are an error listing the valid ones.
+    The one parser of --without; the rest of the code reads ``Config.switches``."""
+    names = []
+    for raw in filter(None, (t.strip() for t in text.replace(" ", ",").split(","))):
+        name = MODALITY_ALIASES.get(raw, raw)
+        if name not in MODALITIES and name not in COMPONENTS:
+            valid = ", ".join(MODALITIES + tuple(COMPONENTS) + tuple(MODALITY_ALIASES))
+            raise DataError(f"--without: unknown component '{raw}'; valid names: {valid}")
+        names.append(name)
+    return names
+
+
+@dataclass(frozen=True)
+class Switches:
+    """The ablations of --without, decided once (``Config.switches``); the loader, the model and the
+    training loop read these, never the flag."""
+
+    modalities_off: frozenset[str] = frozenset()
+    use_cl: bool = True  # unimodal contrastive losses L_m^CL (Eq. 15)
+    use_al: bool = True  # unimodal distillation losses L_m^AL (Eq. 16)
+    use_club: bool = True  # expert disentanglement loss L_CLUB (Eq. 9)
+    use_hmoe: bool = True  # intra-modal experts and the inter-modal router (Eq. 5-12)
+
+    @classmethod
+    def parse(cls, without: str) -> Switches:
+        names = set(parse_without(without))
+        return cls(frozenset(names & set(MODALITIES)), use_cl="cl" not in names, use_al="al" not in names,
+                   use_club="club" not in names, use_hmoe="hmoe" not in names)
+
+    @property
+    def off(self) -> tuple[str, ...]:
+        """Every name switched off, sorted (run folder names, log lines)."""
+        components = [n for n, on in (("cl", self.use_cl), ("al", self.use_al), ("club", self.use_club),
+                                      ("hmoe", self.use_hmoe)) if not on]
+        return tuple(sorted([*self.modalities_off, *components]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,18 +146,24 @@ class Config:
     mi_loss: float = _flag(1e-4, "weight of the CLUB loss (Eq. 17; the official code's 1e-4)")
     club_bsize: int = _flag(128, "entities in the batch on which L_CLUB (Eq. 9) is computed each epoch")
     q_lr: float = _flag(5e-4, "learning rate of the CLUB variational networks' own AdamW")
-    without: str = _flag("", "comma-separated components to switch off: modalities "
-                              f"{', '.join(MODALITIES)} (or g, v, r_b, r_t, a_b, a_t) and {', '.join(COMPONENTS)}")
+    without: str = _flag("", "comma-separated names to switch off: modalities "
+                              f"{', '.join(MODALITIES)} (or the paper's g, v, r_b, r_t, a_b, a_t) and components "
+                              + ", ".join(f"{c} ({what})" for c, (_, what) in COMPONENTS.items()))
     csls: bool = _flag(True, "rank with CSLS (--no-csls: plain cosine)", boolean=True)
     csls_k: int = _flag(3, "neighbourhood size k of CSLS")
     il: bool = _flag(False, "iterative training: add mutual nearest neighbours as pseudo pairs", boolean=True)
     il_start: int = _flag(-1, "epoch at which iterative training starts (-1 = after --epochs)")
     il_epochs: int = _flag(500, "extra epochs of iterative training after --epochs (the paper's +500)")
     il_step: int = _flag(10, "epochs between two pseudo-label updates")
-    device: str = _flag("cuda" if torch.cuda.is_available() else "cpu", "torch device (default: cuda when present)")
+    device: str = _flag("cuda" if torch.cuda.is_available() else "cpu",
+                        "torch device, e.g. cpu, cuda, cuda:1; the default is cuda on a machine with CUDA, else "
+                        "cpu (on this machine: %(default)s)")
     out_dir: str = _flag("runs", "parent folder of the run folders")
     run_name: str = _flag("", "run folder name (default: <dataset>_r<rate>_s<seed>[_wo-...])")
     save_every: int = _flag(50, "write a resumable checkpoint every this many epochs (0 = only at the end)")
+    save_outputs: bool = _flag(True, "write entity_embeddings.npy, modality_weights.npy, expert_gates.npz and "
+                                     "predictions.tsv at the end (--no-save_outputs: only config.json, log.txt, "
+                                     "metrics.jsonl, checkpoint.pt and results.json, e.g. for sweeps)", boolean=True)
     resume: str = _flag("", "run folder to resume from its last checkpoint")
     eval_chunk: int = _flag(4096, "query rows per block of the evaluation's cosine matrix; the matrix "
                                     "is kept whole up to 2^28 entries (1 GiB), larger ones use O(chunk x C)")
@@ -146,6 +218,7 @@ class Config:
                                    "(one random ordered pair, as the official code)",
                       choices=("all_pairs", "random_pair"))
 
+
     @classmethod
     def from_preset(cls, preset: str = "paper", **overrides) -> Config:
         """The Config of a preset (PRESETS) with some fields replaced."""
@@ -157,13 +230,18 @@ class Config:
     def hidden(self) -> int:
         return int(self.hidden_units.split(",")[-1])
 
-    @property
-    def disabled(self) -> set[str]:
-        return set(parse_without(self.without))
+    @functools.cached_property
+    def switches(self) -> Switches:
+        """--without, parsed once."""
+        return Switches.parse(self.without)
 
     @property
     def total_epochs(self) -> int:
         return self.epochs + (self.il_epochs if self.il else 0)
+
+    def to_dict(self) -> dict:
+        """Every field: what config.json and the checkpoint record, and what ``Config(**d)`` rebuilds."""
+        return dataclasses.asdict(self)
 
     def validate(self) -> None:
         if not 0.0 < self.rate < 1.0:
@@ -199,7 +277,7 @@ class Config:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise DataError(f"--{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
-        parse_without(self.without)
+        self.switches  # noqa: B018 - parses --without: an unknown name is an error here
 
 
 # What each --preset sets; a flag given beside the preset wins. "paper" is the Config defaults.
@@ -220,18 +298,6 @@ def _positive_ints(flag: str, text: str) -> list[int]:
     if not values or min(values) < 1:
         raise DataError(f"--{flag} must be comma-separated positive integers, got '{text}'")
     return values
-
-
-def parse_without(text: str) -> list[str]:
-    """'image,cl' or 'v' -> canonical names; unknown names are an error listing the valid ones."""
-    names = []
-    for raw in filter(None, (t.strip() for t in text.replace(" ", ",").split(","))):
-        name = MODALITY_ALIASES.get(raw, raw)
-        if name not in MODALITIES and name not in COMPONENTS:
-            valid = ", ".join(MODALITIES + COMPONENTS + tuple(MODALITY_ALIASES))
-            raise DataError(f"--without: unknown component '{raw}'; valid names: {valid}")
-        names.append(name)
-    return names
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,350 +370,6 @@ def atomic_write_json(path: Path, obj) -> None:
 
 def atomic_torch_save(path: Path, obj) -> None:
     atomic_write(path, lambda f: torch.save(obj, f), mode="wb")
-
-
-def config_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-# ---------------------------------------------------------------------------------------------
-# Data: the standard MMEA folder layout (MCLEA / MEAformer / official HUMEA data).
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class MMKG:
-    """Two KGs in one id space, their gold links and per-entity modality inputs."""
-
-    root: Path
-    names: list[str]  # (N,) entity name by id
-    kg: np.ndarray  # (N,) 0 = KG1 (left), 1 = KG2 (right)
-    links: np.ndarray  # (P, 2) gold aligned pairs (KG1 id, KG2 id)
-    triples: np.ndarray  # (T, 3) h, r, t over both KGs
-    features: dict[str, np.ndarray]  # modality -> (N, F) float32, for the modalities with inputs (rows as
-    #                                  read: bag-of-words counts / indicators, text and image vectors raw)
-    coverage: dict[str, float]  # modality -> fraction of entities with a real vector
-    present: dict[str, np.ndarray]  # modality -> (N,) bool: the entity has a real input (not a fill)
-    notes: list[str]  # what the loader decided (disabled modalities, fills), for the log
-
-    @property
-    def num_entities(self) -> int:
-        return len(self.names)
-
-
-def _read_lines(path: Path) -> list[str]:
-    if not path.is_file():
-        raise DataError(f"{path}: required file is missing")
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    if not lines:
-        raise DataError(f"{path}: file is empty; expected at least one line")
-    return lines
-
-
-def _int(path: Path, lineno: int, token: str, what: str) -> int:
-    try:
-        return int(token)
-    except ValueError:
-        raise DataError(f"{path} line {lineno}: expected an integer {what}, got '{token}'") from None
-
-
-def _read_int_table(path: Path, columns: int, form: str) -> np.ndarray:
-    """A tab-separated table of integers; fast path first, exact diagnosis on failure."""
-    lines = _read_lines(path)
-    rows = [line.split("\t") for line in lines]
-    if all(len(r) == columns for r in rows):
-        try:
-            return np.array(rows, dtype=np.int64).reshape(-1, columns)
-        except (ValueError, OverflowError):
-            pass
-    values = []
-    for lineno, row in enumerate(rows, 1):
-        if len(row) != columns:
-            raise DataError(f"{path} line {lineno}: expected '{form}' ({columns} tab-separated fields), "
-                            f"got {len(row)} field(s): {lines[lineno - 1][:80]!r}")
-        ints = [_int(path, lineno, tok.strip(), "id") for tok in row]
-        for v in ints:
-            if not -(2**63) <= v < 2**63:
-                raise DataError(f"{path} line {lineno}: id {v} is out of range (too large for a 64-bit integer)")
-        values.append(ints)
-    return np.array(values, dtype=np.int64).reshape(-1, columns)
-
-
-def _read_ent_ids(path: Path) -> tuple[list[int], list[str]]:
-    ids, names = [], []
-    for lineno, line in enumerate(_read_lines(path), 1):
-        parts = line.split("\t", 1)
-        if len(parts) != 2 or not parts[1]:
-            raise DataError(f"{path} line {lineno}: expected 'id<TAB>name', got {line[:80]!r}")
-        ids.append(_int(path, lineno, parts[0], "entity id"))
-        names.append(parts[1])
-    return ids, names
-
-
-def _check_ids(path: Path, array: np.ndarray, allowed: np.ndarray, cols, kg_name: str, num: int):
-    """Every id in the given columns must be in range and an entity of the allowed KG."""
-    for c in cols:
-        col = array[:, c]
-        bad = np.nonzero((col < 0) | (col >= num))[0]
-        if bad.size:
-            i = int(bad[0])
-            raise DataError(f"{path} line {i + 1}: id {col[i]} is out of range (entity ids are 0..{num - 1})")
-        bad = np.nonzero(~allowed[col])[0]
-        if bad.size:
-            i = int(bad[0])
-            raise DataError(f"{path} line {i + 1}: id {col[i]} is not an entity of {kg_name}")
-
-
-def load_dataset(file_dir: str | Path, disabled: set[str] = frozenset(), seed: int = 0,
-                 log: logging.Logger | None = None) -> MMKG:
-    """Load the standard layout in ``file_dir``.
-
-    Required: ent_ids_1, ent_ids_2 (id TAB name), ill_ent_ids (id TAB id), triples_1,
-    triples_2 (h TAB r TAB t). Optional: training_attrs_1/2 (name TAB attr TAB attr ...),
-    <DATASET>_id_img_feature_dict.pkl, triples_feature_dict.pkl (relation text),
-    attribute_feature_dict.pkl (attribute text). A modality without its input is disabled.
-    """
-    root = Path(file_dir)
-    if not root.is_dir():
-        raise DataError(f"{root}: dataset folder does not exist (expected ent_ids_1, ent_ids_2, ill_ent_ids, "
-                        "triples_1, triples_2 inside)")
-    notes: list[str] = []
-    ids1, names1 = _read_ent_ids(root / "ent_ids_1")
-    ids2, names2 = _read_ent_ids(root / "ent_ids_2")
-    n = len(ids1) + len(ids2)
-    names: list[str | None] = [None] * n
-    kg = np.full(n, -1, dtype=np.int8)
-    seen: dict[int, str] = {}
-    for fname, ids, nms, side in (("ent_ids_1", ids1, names1, 0), ("ent_ids_2", ids2, names2, 1)):
-        for lineno, (i, name) in enumerate(zip(ids, nms), 1):
-            where = f"{root / fname} line {lineno}"
-            if i in seen:
-                raise DataError(f"{where}: duplicated entity id {i} (first defined at {seen[i]})")
-            if not 0 <= i < n:
-                raise DataError(f"{where}: id {i} is out of range; the ids of ent_ids_1 and ent_ids_2 together "
-                                f"must be 0..{n - 1}")
-            seen[i] = where
-            names[i], kg[i] = name, side
-    links = _read_int_table(root / "ill_ent_ids", 2, "id1<TAB>id2")
-    _check_ids(root / "ill_ent_ids", links, kg == 0, [0], "KG1 (ent_ids_1)", n)
-    _check_ids(root / "ill_ent_ids", links, kg == 1, [1], "KG2 (ent_ids_2)", n)
-    triples = []
-    for fname, side in (("triples_1", 0), ("triples_2", 1)):
-        t = _read_int_table(root / fname, 3, "head<TAB>relation<TAB>tail")
-        _check_ids(root / fname, t, kg == side, [0, 2], f"KG{side + 1} (ent_ids_{side + 1})", n)
-        triples.append(t)
-    triples = np.concatenate(triples)
-
-    features: dict[str, np.ndarray] = {}
-    present: dict[str, np.ndarray] = {}
-    rng = np.random.default_rng(seed)
-    if "rel_bow" not in disabled:
-        features["rel_bow"] = relation_bow(triples, n)
-        present["rel_bow"] = features["rel_bow"].any(1)
-    if "attr_bow" not in disabled:
-        attrs = _read_attrs(root, names, kg)
-        if attrs is None:
-            notes.append("attr_bow: no training_attrs_1/2 files -> modality disabled")
-        else:
-            features["attr_bow"] = attribute_bow(attrs, n)
-            present["attr_bow"] = features["attr_bow"].any(1)
-    for modality, fname in (("image", _image_file(root)), ("rel_text", "triples_feature_dict.pkl"),
-                            ("attr_text", "attribute_feature_dict.pkl")):
-        if modality in disabled:
-            continue
-        path = root / fname if fname else None
-        if path is None or not path.is_file():
-            notes.append(f"{modality}: no {fname or '*_id_img_feature_dict.pkl'} in {root} -> modality disabled")
-            continue
-        mat, has = _read_feature_pickle(path, n, rng)
-        if mat is None:
-            notes.append(f"{modality}: {path.name} holds no vectors -> modality disabled")
-            continue
-        features[modality], present[modality] = mat, has
-        if not has.all():
-            notes.append(f"{modality}: {path.name} covers {has.mean():.1%} of entities; the rest drawn from the "
-                         "per-dimension mean/std of the present vectors (seeded, as the official code did; "
-                         "used only with --missing fill)")
-    coverage = {m: float(p.mean()) for m, p in present.items()}
-    data = MMKG(root, names, kg.astype(np.int64), links, triples, features, coverage, present, notes)
-    if log:
-        log.info(kv(dataset=str(root), entities=n, kg1=int((kg == 0).sum()), kg2=int((kg == 1).sum()),
-                    links=len(links), triples=len(triples)))
-        for note in notes:
-            log.info(note)
-        for m in MODALITIES[1:]:
-            if m in features:
-                log.info(kv(modality=m, dim=features[m].shape[1], coverage=coverage[m]))
-    return data
-
-
-def _image_file(root: Path) -> str | None:
-    preferred = root / f"{root.name}_id_img_feature_dict.pkl"
-    if preferred.is_file():
-        return preferred.name
-    found = sorted(root.glob("*_id_img_feature_dict.pkl"))
-    return found[0].name if found else None
-
-
-def _read_feature_pickle(path: Path, n: int, rng: np.random.Generator):
-    """dict id -> vector  ->  (N, F) float32 matrix with the missing rows filled, and the (N,) mask of
-    the entities that have a vector."""
-    try:
-        with open(path, "rb") as f:
-            obj = pickle.load(f)  # the official data format; only load pickles you trust
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a data error here
-        raise DataError(f"{path}: cannot unpickle ({type(e).__name__}: {e}); "
-                        "expected a dict entity id -> vector") from e
-    if not isinstance(obj, dict):
-        raise DataError(f"{path}: expected a pickled dict entity id -> vector, got {type(obj).__name__}")
-    if not obj:
-        return None, None
-    dim = None
-    mat = None
-    present = np.zeros(n, dtype=bool)
-    for key, vec in obj.items():
-        try:
-            i = int(key)
-        except (TypeError, ValueError):
-            raise DataError(f"{path}: key {key!r} is not an integer entity id") from None
-        if not 0 <= i < n:
-            raise DataError(f"{path}: key {i} is out of range (entity ids are 0..{n - 1})")
-        try:
-            v = np.asarray(vec, dtype=np.float32).reshape(-1)
-        except (TypeError, ValueError):
-            raise DataError(f"{path}: the value of entity {i} is not a numeric vector "
-                            f"({type(vec).__name__})") from None
-        if v.size == 0 or not np.isfinite(v).all():
-            raise DataError(f"{path}: the vector of entity {i} is empty or holds NaN/inf values")
-        if present[i]:
-            raise DataError(f"{path}: entity {i} appears under two keys (e.g. {i} and '{i}')")
-        if dim is None:
-            dim = v.size
-            mat = np.empty((n, dim), dtype=np.float32)
-        elif v.size != dim:
-            raise DataError(f"{path}: the vector of entity {i} has size {v.size}, expected {dim} "
-                            "(the size of the first vector)")
-        mat[i] = v
-        present[i] = True
-    missing = ~present
-    if missing.any():
-        mean, std = mat[present].mean(0), mat[present].std(0)
-        mat[missing] = rng.normal(mean, std, size=(int(missing.sum()), dim)).astype(np.float32)
-    return mat, present
-
-
-def _read_attrs(root: Path, names: list[str], kg: np.ndarray):
-    """training_attrs_1/2 -> list of (entity id, [attribute names]); None if both files absent."""
-    files = [root / "training_attrs_1", root / "training_attrs_2"]
-    if not any(p.is_file() for p in files):
-        return None
-    index = [{} for _ in range(2)]
-    for i, name in enumerate(names):
-        index[kg[i]][name] = i
-    out = []
-    for side, path in enumerate(files):
-        if not path.is_file():
-            continue
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            parts = line.split("\t")
-            if len(parts) < 1 or not parts[0]:
-                raise DataError(f"{path} line {lineno}: expected 'entity name<TAB>attr<TAB>attr...', got {line[:80]!r}")
-            ent = index[side].get(parts[0])
-            if ent is None:
-                raise DataError(f"{path} line {lineno}: entity '{parts[0][:80]}' is not in ent_ids_{side + 1}")
-            out.append((ent, [a for a in parts[1:] if a]))
-    return out
-
-
-def relation_bow(triples: np.ndarray, n: int, top: int = BOW_TOP) -> np.ndarray:
-    """(N, top) counts of the `top` most frequent relations over the triples where the entity is
-    head or tail (rows of isolated entities are zero; scaled later by ``normalise_features``)."""
-    rels = np.concatenate([triples[:, 1], triples[:, 1]])
-    ents = np.concatenate([triples[:, 0], triples[:, 2]])
-    counts = np.bincount(rels)
-    keep = np.argsort(-counts, kind="stable")[:min(top, int((counts > 0).sum()))]
-    col = np.full(counts.size, -1)
-    col[keep] = np.arange(keep.size)
-    sel = col[rels] >= 0
-    mat = np.zeros((n, keep.size), dtype=np.float32)
-    np.add.at(mat, (ents[sel], col[rels[sel]]), 1.0)
-    return mat
-
-
-def attribute_bow(attrs, n: int, top: int = BOW_TOP) -> np.ndarray:
-    """(N, top) binary indicators of the `top` most frequent attribute names."""
-    freq: dict[str, int] = {}
-    for _, names in attrs:
-        for a in set(names):
-            freq[a] = freq.get(a, 0) + 1
-    vocab = sorted(freq, key=lambda a: (-freq[a], a))[:top]
-    col = {a: j for j, a in enumerate(vocab)}
-    mat = np.zeros((n, max(len(vocab), 1)), dtype=np.float32)
-    for ent, names in attrs:
-        for a in names:
-            j = col.get(a)
-            if j is not None:
-                mat[ent, j] = 1.0
-    return mat
-
-
-BOW_MODALITIES = ("rel_bow", "attr_bow")
-
-
-def normalise_features(features: dict[str, np.ndarray], scheme: str) -> dict[str, np.ndarray]:
-    """Row scaling of the input features (--feature_norm): 'l2' L2-normalises every row; 'official'
-    the text and image rows only (bag-of-words stay raw counts / indicators, as the official loader);
-    'bow_l2' the bag-of-words rows only. Zero rows stay zero. Returns new arrays."""
-    scaled = {"l2": set(features), "official": set(features) - set(BOW_MODALITIES),
-              "bow_l2": set(BOW_MODALITIES)}[scheme]
-    return {m: _l2_rows(x) if m in scaled else x.copy() for m, x in features.items()}
-
-
-def _l2_rows(mat: np.ndarray) -> np.ndarray:
-    norm = np.linalg.norm(mat, axis=1, keepdims=True)
-    return mat / np.maximum(norm, 1e-12)
-
-
-# ---------------------------------------------------------------------------------------------
-# Splits and pair files.
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Split:
-    train: np.ndarray  # (P_train, 2)
-    valid: np.ndarray  # (P_val, 2), empty when val_ratio = 0
-    test: np.ndarray  # (P_test, 2)
-
-
-def split_links(links: np.ndarray, rate: float, seed: int, val_ratio: float = 0.0) -> Split:
-    """The paper's split: shuffle the aligned pairs with the seed, the first ``rate`` fraction
-    trains, the rest tests. With val_ratio > 0 the last val_ratio of the training part is held
-    out for model selection (the test pairs do not change)."""
-    perm = np.random.RandomState(seed).permutation(len(links))
-    shuffled = links[perm]
-    n_train = int(len(links) * rate)
-    train, test = shuffled[:n_train], shuffled[n_train:]
-    n_val = int(round(len(train) * val_ratio))
-    return Split(train[:len(train) - n_val], train[len(train) - n_val:], test)
-
-
-def read_pair_file(path: str | Path, data: MMKG) -> np.ndarray:
-    """A train_ill_path file: lines 'id1<TAB>id2' with id1 in KG1 and id2 in KG2."""
-    path = Path(path)
-    pairs = _read_int_table(path, 2, "id1<TAB>id2")
-    _check_ids(path, pairs, data.kg == 0, [0], "KG1 (ent_ids_1): each pair must be (KG1 id, KG2 id)",
-               data.num_entities)
-    _check_ids(path, pairs, data.kg == 1, [1], "KG2 (ent_ids_2): each pair must be (KG1 id, KG2 id)",
-               data.num_entities)
-    return pairs
-
-
-def write_pair_file(path: Path, pairs: np.ndarray) -> None:
-    atomic_write(path, lambda f: f.writelines(f"{a}\t{b}\n" for a, b in pairs))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -749,40 +471,6 @@ def _csls_and_gold(sim: _CosineBlocks, lp, rp, group, k: int, use_csls: bool):
     return r_left, r_right, gold
 
 
-@torch.no_grad()
-def mean_topk_similarity(queries: torch.Tensor, candidates: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
-    """r(q) = mean of the k largest cosine similarities of q to the candidates (CSLS's r term).
-    A one-direction reference; evaluate_alignment gets both directions' r terms from one matrix."""
-    k = min(k, candidates.shape[0])
-    out = torch.empty(queries.shape[0], device=queries.device)
-    for b in _row_blocks(queries.shape[0], chunk):
-        out[b] = (queries[b] @ candidates.t()).topk(k, dim=1).values.mean(1)
-    return out
-
-
-@torch.no_grad()
-def directional_ranks(queries, candidates, gold, r_q, r_c, chunk: int, return_top1: bool = False):
-    """Rank of gold[i] among all candidates for query i.
-
-    score(q, c) = 2 cos(q, c) - r_q - r_c (CSLS; pass zeros for plain cosine).
-    Ties: rank = 1 + #(candidates scoring strictly higher) + #(other candidates scoring
-    exactly the same) / 2, the expected rank under random tie breaking.
-    queries: (Q, D) normalised, candidates: (C, D) normalised, gold: (Q,) candidate index.
-    A one-direction reference of the rule; evaluate_alignment applies it to one shared matrix.
-    """
-    ranks = torch.empty(queries.shape[0], dtype=torch.float64, device=queries.device)
-    top1 = torch.empty(queries.shape[0], dtype=torch.long, device=queries.device)
-    top1_score = torch.empty(queries.shape[0], device=queries.device)
-    for b in _row_blocks(queries.shape[0], chunk):
-        scores = 2 * (queries[b] @ candidates.t()) - r_q[b, None] - r_c[None, :]  # (q, C)
-        gold_score = scores.gather(1, gold[b, None])  # (q, 1)
-        higher = (scores > gold_score).sum(1)
-        ties = (scores == gold_score).sum(1) - 1
-        ranks[b] = 1 + higher.double() + 0.5 * ties.double()
-        if return_top1:
-            top1_score[b], top1[b] = scores.max(1)
-    return (ranks, top1, top1_score) if return_top1 else ranks
-
 
 def rank_metrics(ranks: torch.Tensor) -> dict[str, float]:
     r = ranks.double()
@@ -806,8 +494,9 @@ def evaluate_alignment(emb: torch.Tensor, pairs: np.ndarray, ids: np.ndarray | N
     Both directions read one cosine matrix S (L, C) (see SIMILARITY_KEEP_ENTRIES). CSLS score
     2 S[i, j] - r_left[i] - r_right[j]: a query's own r term is the same for all its candidates, so
     left i ranks candidate j by S[i, j] - r_right[j] / 2 and right j ranks i by S[i, j] - r_left[i] / 2
-    (halving is exact in floating point, so no order or tie changes). Ties count half, as in
-    ``directional_ranks``.
+    (halving is exact in floating point, so no order or tie changes). Ties count half: rank = 1 +
+    #(candidates scoring higher) + #(other candidates scoring the same) / 2, the expected rank under
+    random tie breaking (tests/reference.py holds a one-direction reference of the rule).
     """
     pairs = np.asarray(pairs)
     left_ids, left_pos = np.unique(pairs[:, 0], return_inverse=True)
@@ -884,20 +573,3 @@ def mutual_nearest_pairs(left_emb: torch.Tensor, right_emb: torch.Tensor, left_i
     li = torch.arange(len(left_ids), device=dev)
     mutual = best_l[best_r] == li
     return np.stack([left_ids[li[mutual].cpu().numpy()], right_ids[best_r[mutual].cpu().numpy()]], 1)
-
-
-def pair_overlap(pairs: np.ndarray, reference: np.ndarray) -> int:
-    """How many rows of ``pairs`` are also rows of ``reference``."""
-    if len(pairs) == 0 or len(reference) == 0:
-        return 0
-    ref = {(int(a), int(b)) for a, b in reference}
-    return sum((int(a), int(b)) in ref for a, b in pairs)
-
-
-def finite_or_raise(name: str, value: torch.Tensor, epoch: int) -> None:
-    if not bool(torch.isfinite(value).all()):
-        raise FloatingPointError(f"loss term '{name}' is {float(value)} at epoch {epoch}")
-
-
-def nan_to_none(x):
-    return None if isinstance(x, float) and math.isnan(x) else x

@@ -276,8 +276,8 @@ def _non_default_flags(config: dict) -> list[str]:
         defaults = {}
     out = []
     for key, value in config.items():
-        if key in ("device",) or (key in defaults and defaults[key] == value):
-            continue
+        if key in ("device", "provenance") or (key in defaults and defaults[key] == value):
+            continue  # config.json's "provenance" records where the run came from, not a flag
         if isinstance(value, bool):
             out.append(f"--{key}" if value else f"--no-{key}")
         else:

@@ -11,7 +11,7 @@ reused; generation runs in a child process so that it does not count in the peak
 
 Each phase runs ``--warmup`` times untimed, then is timed ``--repeats`` times (training:
 ``--epochs`` epochs); the median is reported:
-  load   utils.load_dataset + model.ModelInputs.from_data (files in the OS cache after warm-up)
+  load   data_process.dataset.load_dataset + model.ModelInputs.from_data (files in the OS cache after warm-up)
   epoch  train.train_epoch: one optimiser step on all training pairs, the paper preset
          (Config defaults, --rate 0.2), CLUB on
   eval   train.evaluate on the test pairs at a check point: model.embed of the test entities,
@@ -188,7 +188,12 @@ def main(args) -> dict:
     import train
     from loss import CLUBDisentanglement
     from model import HUMEA, ModelInputs
-    from utils import Config, evaluate_alignment, load_dataset, set_seed, split_links
+    from utils import Config, evaluate_alignment, set_seed
+
+    try:
+        from data_process.dataset import load_dataset, split_links
+    except ImportError:  # a checkout from before the loader left utils.py
+        from utils import load_dataset, split_links
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -217,7 +222,7 @@ def main(args) -> dict:
     set_seed(cfg.seed)
     if hasattr(train, "build_model"):
         model, club, opt, q_opt = train.build_model(cfg, inputs, device)
-    else:  # the same objects, built as train.main builds them
+    else:  # a checkout from before train.build_model: the same objects, as its train.main built them
         model = HUMEA(cfg, inputs).to(device)
         club = CLUBDisentanglement(model.modalities, cfg.hidden, cfg.hidden).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -97,6 +97,6 @@ def tiny_synthetic(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_data(tiny_synthetic):
-    from utils import load_dataset
+    from data_process.dataset import load_dataset
 
     return load_dataset(tiny_synthetic, seed=0)

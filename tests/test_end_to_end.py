@@ -75,7 +75,7 @@ def test_outputs_have_the_right_shapes(finished_run, small_pair):
 
 
 def test_checkpoint_reloads_for_evaluation(finished_run, capsys):
-    res = train.main(train.parse_args(["--resume", str(finished_run), "--eval_only", "--device", "cpu"]))
+    res = train.main(*train.parse_args(["--resume", str(finished_run), "--eval_only", "--device", "cpu"]))
     saved = json.loads((finished_run / "results.json").read_text())["last_epoch"]["test"]["avg"]
     assert res["avg"]["hits@1"] == pytest.approx(saved["hits@1"], abs=1e-6)
     assert res["avg"]["mrr"] == pytest.approx(saved["mrr"], abs=1e-6)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from reference import directional_ranks, mean_topk_similarity
 
-from utils import directional_ranks, evaluate_alignment, mean_topk_similarity, mutual_nearest_pairs
+from utils import evaluate_alignment, mutual_nearest_pairs
 
 
 def _reference(emb: np.ndarray, pairs: np.ndarray, k: int, csls: bool) -> dict:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from reference import directional_ranks, mean_topk_similarity
 
 import layers
 import utils
 from layers import GraphStructureEncoder, SparseGraph
 from loss import batch_alignment_losses, contrastive_alignment_loss, unimodal_distillation_loss
-from model import HUMEA, ModelInputs
-from utils import Config, directional_ranks, evaluate_alignment, mean_topk_similarity, mutual_nearest_pairs
+from model import HUMEA, ModelConfig, ModelInputs
+from utils import Config, evaluate_alignment, mutual_nearest_pairs
 
 # ---------------------------------------------------------------------------------------------
 # Eq. 13-16: one batch with shared cosine matrices == the per-equation functions.
@@ -214,11 +215,12 @@ def test_bf16_autocast_gives_float32_outputs_close_to_float32(tiny_data):
     inputs = ModelInputs.from_data(tiny_data, "cpu")
     cfg = Config(hidden_units="16,16,16", n_exp=3, device="cpu")
     torch.manual_seed(0)
-    model = HUMEA(cfg, inputs)
+    model = HUMEA(ModelConfig.from_config(cfg), inputs)
     ids = torch.arange(20)
     ref = model(ids, inputs)
     torch.manual_seed(0)
-    model = HUMEA(Config(hidden_units="16,16,16", n_exp=3, device="cpu", amp="bf16"), inputs)  # --amp bf16
+    model = HUMEA(ModelConfig.from_config(Config(hidden_units="16,16,16", n_exp=3, device="cpu", amp="bf16")),
+                  inputs)  # --amp bf16
     assert model.amp_dtype == torch.bfloat16
     got = model(ids, inputs)
     for m in model.modalities:

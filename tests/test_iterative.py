@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import train
-from utils import mutual_nearest_pairs, read_pair_file, split_links
+from data_process.dataset import read_pair_file, split_links
+from utils import mutual_nearest_pairs
 
 
 def _basis(n: int, d: int = 8, seed: int = 0) -> torch.Tensor:
@@ -91,9 +92,9 @@ def test_iterative_run_end_to_end(tiny_synthetic, tmp_path):
     argv = ["--file_dir", str(tiny_synthetic), "--rate", "0.3", "--epochs", "3", "--il", "--il_epochs", "4",
             "--il_step", "2", "--check_point", "1", "--hidden_units", "16,16,16", "--heads", "2,2",
             "--n_exp", "2", "--bsize", "16", "--device", "cpu", "--out_dir", str(tmp_path), "--run_name", "il"]
-    res = train.main(train.parse_args(argv))
+    res = train.main(*train.parse_args(argv))
     run = tmp_path / "il"
-    from utils import load_dataset
+    from data_process.dataset import load_dataset
 
     data = load_dataset(tiny_synthetic, seed=42)
     split = split_links(data.links, 0.3, 42)

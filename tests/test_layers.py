@@ -203,7 +203,7 @@ def test_moe_gate_rows_sum_to_one_and_differ_between_entities():
 
 def test_linear_projection_is_one_expert_with_gate_one():
     torch.manual_seed(7)
-    lin = LinearProjection(4, 8, 3, num_experts=5)
+    lin = LinearProjection(4, 3)
     x = torch.randn(2, 4)
     y, experts, gate = lin(x)
     torch.testing.assert_close(y, x @ lin.proj.weight.t() + lin.proj.bias)
@@ -252,6 +252,6 @@ def test_router_uniform_init_starts_at_one_over_m_and_masks_missing_modalities()
 
 def test_uniform_fusion_weights_are_one_over_m():
     parts = [torch.randn(3, 2) for _ in range(4)]
-    fused, w = UniformFusion(4, 2)(parts)
+    fused, w = UniformFusion(4)(parts)
     torch.testing.assert_close(w, torch.full((3, 4), 0.25))
     torch.testing.assert_close(fused, torch.cat(parts, 1) / 4)

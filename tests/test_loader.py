@@ -1,4 +1,4 @@
-"""utils.load_dataset on a hand-written folder, and every bad input it must reject (DataError)."""
+"""data_process.dataset.load_dataset on a hand-written folder, and every bad input it must reject (DataError)."""
 
 from __future__ import annotations
 
@@ -8,18 +8,16 @@ import numpy as np
 import pytest
 from conftest import TOY_IMAGE, TOY_REL_TEXT, write_folder
 
-from utils import (
+from data_process.dataset import (
     BOW_TOP,
-    Config,
-    DataError,
     attribute_bow,
     load_dataset,
     normalise_features,
-    parse_without,
     read_pair_file,
     relation_bow,
     split_links,
 )
+from utils import Config, DataError, parse_without
 
 
 def _unit_rows(m) -> np.ndarray:
@@ -145,7 +143,7 @@ def test_missing_image_pickle_and_attrs_disable_those(make_toy):
 
 
 def test_disabled_modalities_are_not_loaded(toy_dir):
-    data = load_dataset(toy_dir, disabled={"image", "rel_bow"}, seed=0)
+    data = load_dataset(toy_dir, {"image", "rel_bow"}, seed=0)
     assert set(data.features) == {"attr_bow", "rel_text"}
 
 
@@ -313,7 +311,7 @@ def test_parse_without_names_and_aliases():
     with pytest.raises(DataError) as info:
         parse_without("graph,bogus")
     assert "'bogus'" in str(info.value) and "attr_text" in str(info.value)  # lists the valid names
-    assert Config(without="v,club").disabled == {"image", "club"}
+    assert Config(without="v,club").switches.off == ("club", "image")
 
 
 def test_read_pair_file_accepts_left_right_pairs(toy_dir, tmp_path):

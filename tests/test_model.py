@@ -7,11 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from data_process.dataset import split_links
 from layers import InterModalRouter, IntraModalMoE, LinearProjection, UniformFusion
 from loss import CLUBDisentanglement, contrastive_alignment_loss, total_loss, unimodal_distillation_loss
-from model import HUMEA, ModelInputs
+from model import HUMEA, ModelConfig, ModelInputs
 from train import loss_batches, train_epoch
-from utils import MODALITIES, Config, evaluate_alignment, split_links
+from utils import MODALITIES, Config, evaluate_alignment
 
 D = 16
 
@@ -30,7 +31,7 @@ def inputs(tiny_data) -> ModelInputs:
 
 def _model(cfg, inputs) -> HUMEA:
     torch.manual_seed(cfg.seed)
-    return HUMEA(cfg, inputs)
+    return HUMEA(ModelConfig.from_config(cfg), inputs)
 
 
 def test_all_six_modalities_in_canonical_order(inputs):
@@ -117,7 +118,7 @@ def test_train_epoch_lowers_loss_and_raises_seed_pair_similarity(tiny_data, inpu
     similarity relative to the non-matching pairs, and with it their Hits@1."""
     cfg = _cfg(bsize=16)  # 20 training pairs -> two batches per epoch
     torch.manual_seed(0)
-    model = HUMEA(cfg, inputs)
+    model = HUMEA(ModelConfig.from_config(cfg), inputs)
     club = CLUBDisentanglement(model.modalities, D, D)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     q_opt = torch.optim.AdamW(club.parameters(), lr=cfg.q_lr)
@@ -184,9 +185,9 @@ def test_train_epoch_equals_the_per_batch_per_equation_loop(tiny_data, inputs, w
             keep = out.present[r1, j] & out.present[r2, j]  # --missing mask: pairs that both have m
             masked += int((~keep).sum())
             u1, u2, f1, f2 = out.unimodal[m][r1][keep], out.unimodal[m][r2][keep], z1[keep], z2[keep]
-            if "cl" not in cfg.disabled:
+            if cfg.switches.use_cl:
                 uni_cl[m] = uni_cl.get(m, 0.0) + contrastive_alignment_loss(u1, u2, cfg.tau_cl)
-            if "al" not in cfg.disabled:
+            if cfg.switches.use_al:
                 distill[m] = distill.get(m, 0.0) + unimodal_distillation_loss(u1, u2, f1, f2, cfg.tau_al)
     assert masked > 0  # the tiny pair lacks some images: the masked path is exercised
     total = total_loss(fused_cl, uni_cl, torch.zeros(()), distill, cfg.cl_loss, cfg.al_loss, cfg.mi_loss)

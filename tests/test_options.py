@@ -19,7 +19,7 @@ from loss import (
     random_expert_pairs,
     total_loss,
 )
-from model import HUMEA, ModelInputs
+from model import HUMEA, ModelConfig, ModelInputs
 from train import curriculum_pairs, health_warnings, modality_health, parse_args
 from utils import PRESETS, Config, DataError
 
@@ -40,7 +40,7 @@ def _cfg(**kw) -> Config:
 
 def test_global_weights_are_combination_sums_of_the_top5_and_the_same_for_every_entity():
     mods = ("graph", "image", "rel_bow", "rel_text", "attr_bow", "attr_text")
-    router = GlobalModalityWeights(mods, D).double()
+    router = GlobalModalityWeights(mods).double()
     with torch.no_grad():
         router.logits.copy_(torch.tensor([0.5, -1.0, 0.2, 1.5, 0.0, -2.0, 0.7], dtype=torch.float64))
     parts = [torch.randn(4, D, dtype=torch.float64) for _ in mods]
@@ -61,7 +61,7 @@ def test_global_weights_are_combination_sums_of_the_top5_and_the_same_for_every_
 
 def test_global_weights_drop_combinations_of_absent_modalities_and_accept_a_query():
     mods = ("graph", "rel_bow", "attr_bow")  # no image, no text: 4 combinations remain
-    router = GlobalModalityWeights(mods, D, hidden=6)
+    router = GlobalModalityWeights(mods, hidden=6)
     assert router.member.shape == (4, 3) and router.top == 4
     _, w = router([torch.randn(3, D) for _ in mods])
     assert (w[0] == w[1]).all() and (w > 0).all()
@@ -76,7 +76,7 @@ def test_global_weights_drop_combinations_of_absent_modalities_and_accept_a_quer
 
 def test_linear_noisy_experts_equal_hand_computation_and_noise_only_in_training():
     torch.manual_seed(3)
-    moe = LinearNoisyMoE(5, D, D, 3).double()
+    moe = LinearNoisyMoE(5, D, 3).double()
     with torch.no_grad():
         moe.center.normal_()
         moe.gate.weight.normal_()
@@ -90,7 +90,7 @@ def test_linear_noisy_experts_equal_hand_computation_and_noise_only_in_training(
     torch.testing.assert_close(mixed, torch.einsum("bk,bkd->bd", gate, experts))
     moe.train()
     assert not torch.allclose(moe(x)[2], gate)  # Gaussian noise on the gate logits in training
-    fresh = LinearNoisyMoE(5, D, D, 3).eval()
+    fresh = LinearNoisyMoE(5, D, 3).eval()
     torch.testing.assert_close(fresh(x.float())[2], torch.full((4, 3), 1 / 3))  # zero-initialised gate
     assert float(fresh.weight.detach().std()) == pytest.approx(0.02, rel=0.2)
 
@@ -98,12 +98,12 @@ def test_linear_noisy_experts_equal_hand_computation_and_noise_only_in_training(
 def test_expert_options_choose_the_modules(tiny_data):
     inputs = ModelInputs.from_data(tiny_data, "cpu")
     torch.manual_seed(0)
-    paper = HUMEA(_cfg(), inputs)
+    paper = HUMEA(ModelConfig.from_config(_cfg()), inputs)
     assert all(isinstance(e, IntraModalMoE) for e in paper.experts.values())  # incl. the Graph-MoE
-    linear = HUMEA(_cfg(expert="linear"), inputs)
+    linear = HUMEA(ModelConfig.from_config(_cfg(expert="linear")), inputs)
     assert isinstance(linear.experts["graph"], PassThrough)
     assert all(isinstance(linear.experts[m], LinearNoisyMoE) for m in linear.modalities if m != "graph")
-    no_gmoe = HUMEA(_cfg(graph_moe=False), inputs)
+    no_gmoe = HUMEA(ModelConfig.from_config(_cfg(graph_moe=False)), inputs)
     assert isinstance(no_gmoe.experts["graph"], PassThrough) and isinstance(no_gmoe.experts["image"], IntraModalMoE)
     out = no_gmoe(torch.arange(5), inputs)
     gat = no_gmoe.graph_embeddings(inputs)[:5]
@@ -117,7 +117,7 @@ def test_expert_options_choose_the_modules(tiny_data):
 
 def test_masked_modality_has_no_part_in_the_fused_embedding(tiny_data):
     inputs = ModelInputs.from_data(tiny_data, "cpu")
-    model = HUMEA(_cfg(), inputs)
+    model = HUMEA(ModelConfig.from_config(_cfg()), inputs)
     j = model.modalities.index("image")
     lacking = np.nonzero(~tiny_data.present["image"])[0][:4]
     out = model(torch.as_tensor(lacking), inputs)
@@ -251,13 +251,13 @@ def test_curriculum_run_rebuilds_the_groups_every_50_epochs(tiny_synthetic, tmp_
 
 
 def test_preset_official_sets_every_departure_and_flags_beside_it_win():
-    cfg = parse_args(["--preset", "official"])
+    cfg = parse_args(["--preset", "official"]).cfg
     for name, value in PRESETS["official"].items():
         assert getattr(cfg, name) == value, name
     assert cfg.preset == "official"
-    cfg = parse_args(["--preset", "official", "--router", "entity", "--no-curriculum"])
+    cfg = parse_args(["--preset", "official", "--router", "entity", "--no-curriculum"]).cfg
     assert cfg.router == "entity" and not cfg.curriculum and cfg.expert == "linear"
-    assert parse_args([]) == Config()  # the paper preset is the defaults
+    assert parse_args([]) == (Config(), False)  # the paper preset is the defaults
     with pytest.raises(DataError, match="--preset must be one of"):
         Config.from_preset("unknown")
     with pytest.raises(DataError, match="--router must be one of"):
@@ -268,7 +268,7 @@ def test_official_preset_trains_on_the_tiny_pair(tiny_synthetic, tmp_path):
     args = ["--file_dir", str(tiny_synthetic), "--out_dir", str(tmp_path), "--run_name", "off", "--device", "cpu",
             "--epochs", "20", "--check_point", "10", "--hidden_units", "8,8,8", "--preset", "official",
             "--bsize", "8"]
-    res = train.main(parse_args(args))
+    res = train.main(*parse_args(args))
     assert res["config"]["preset"] == "official" and res["config"]["expert"] == "linear"
     assert res["last_epoch"]["test"]["avg"]["hits@1"] > 0.1  # chance is 1/32
 
@@ -302,7 +302,7 @@ def test_health_flags_a_collapsed_modality_and_a_negligible_weight():
 def test_health_is_recorded_from_epoch_0(tiny_synthetic, tmp_path):
     args = ["--file_dir", str(tiny_synthetic), "--out_dir", str(tmp_path), "--run_name", "h", "--device", "cpu",
             "--epochs", "10", "--check_point", "10", "--hidden_units", "8,8,8"]
-    train.main(parse_args(args))
+    train.main(*parse_args(args))
     import json
 
     rows = [json.loads(line) for line in (tmp_path / "h" / "metrics.jsonl").read_text().splitlines()]
@@ -329,7 +329,7 @@ def test_router_imbalance_is_the_mean_kl_to_uniform_over_the_present_modalities(
 def test_router_balance_pulls_a_collapsed_router_back_towards_uniform(tiny_data):
     inputs = ModelInputs.from_data(tiny_data, "cpu")
     torch.manual_seed(0)
-    model = HUMEA(_cfg(), inputs)
+    model = HUMEA(ModelConfig.from_config(_cfg()), inputs)
     with torch.no_grad():
         model.fusion.net.bias.copy_(torch.tensor([4.0, 0, 0, 0, 0, 0]))  # collapsed onto the graph
     out = model(torch.arange(20), inputs)

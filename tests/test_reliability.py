@@ -23,7 +23,8 @@ import torch
 from test_cli import tree_state
 
 import train
-from utils import load_dataset, release_free_heap, split_links
+from data_process.dataset import load_dataset, split_links
+from utils import release_free_heap
 
 ROOT = Path(__file__).resolve().parents[1]
 # One thread everywhere: the in-process reference and the subprocesses then run the same kernels

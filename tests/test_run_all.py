@@ -313,8 +313,8 @@ def _train_argv(fake, *args, extra_env=None) -> list[str]:
 def test_run_sh_translates_the_official_codes(fake, code, name):
     argv = _train_argv(fake, 42, "default", 0.2, 512, code, "--epochs", 2)
     assert _flag(argv, "--without") == name
-    cfg = train.parse_args(argv)  # what train.py makes of it: the later --epochs wins
-    assert cfg.disabled == ({name} if name else set())
+    cfg = train.parse_args(argv).cfg  # what train.py makes of it: the later --epochs wins
+    assert cfg.switches.off == ((name,) if name else ())
     assert (cfg.seed, cfg.rate, cfg.fusion_weight_dim, cfg.epochs, cfg.file_dir) == (42, 0.2, 512, 2, "")
     assert (cfg.lr, cfg.n_exp, cfg.tau_cl, cfg.tau_al, cfg.cl_loss, cfg.al_loss, cfg.mi_loss) == (
         5e-4, 5, 0.1, 4.0, 1.0, 0.1, 1e-4)
@@ -324,21 +324,21 @@ def test_run_sh_translates_the_official_codes(fake, code, name):
 def test_every_table2_and_fig3_line_reaches_train_py_as_intended(fake, spec):
     args = list(spec.args)
     args[1] = "default"  # the dataset folders need not exist here
-    cfg = train.parse_args(_train_argv(fake, *args))
+    cfg = train.parse_args(_train_argv(fake, *args)).cfg
     if spec.table == "table2":
-        assert cfg.disabled == {TABLE2_ROWS[spec.row]}
+        assert cfg.switches.off == (TABLE2_ROWS[spec.row],)
     else:
         param, value = spec.fig3_point()
-        assert getattr(cfg, param) == value and cfg.disabled == set()
+        assert getattr(cfg, param) == value and cfg.switches.off == ()
         assert (cfg.rate, cfg.fusion_weight_dim) == (0.2, 512)
 
 
 def test_run_sh_names_dataset_folder_ill_file_and_env_weights(fake, tmp_path):
     argv = _train_argv(fake, 7, "FB15K_DB15K", 0.5, 0, "image,club", "pairs.tsv", "--il",
                        extra_env={"DATA_ROOT": str(tmp_path / "data"), "AL_LOSS": "0.5", "TAU_CL": "0.05"})
-    cfg = train.parse_args(argv)
+    cfg = train.parse_args(argv).cfg
     assert cfg.file_dir == f"{tmp_path}/data/FB15K_DB15K" and cfg.train_ill_path == "pairs.tsv" and cfg.il
-    assert cfg.disabled == {"image", "club"} and (cfg.al_loss, cfg.tau_cl, cfg.seed) == (0.5, 0.05, 7)
+    assert cfg.switches.off == ("club", "image") and (cfg.al_loss, cfg.tau_cl, cfg.seed) == (0.5, 0.05, 7)
 
 
 def test_run_sh_rejects_unknown_codes_and_missing_folders(fake, tmp_path):
