@@ -43,14 +43,22 @@ seed=${positional[0]}; dataset=${positional[1]}; rate=${positional[2]}; fwd=${po
 without=$(without_name "${positional[4]}")
 ill=${positional[5]:-}
 
+data_root="${DATA_ROOT:-data/mmkb-datasets}"
 case "$dataset" in
   default|embedded) file_dir="" ;;
   */*) file_dir="$dataset" ;;
-  *) file_dir="${DATA_ROOT:-data/mmkb-datasets}/$dataset" ;;
+  *) file_dir="$data_root/$dataset" ;;
 esac
 if [ -n "$file_dir" ] && [ ! -d "$file_dir" ]; then
-  echo "run.sh: dataset folder '$file_dir' does not exist." >&2
-  echo "  build it from the raw MMKB files: python -m data_process.build_mmkb --mmkb <mmkb root> --dataset $dataset --out ${DATA_ROOT:-data/mmkb-datasets}" >&2
+  case "$dataset" in
+    FB15K_DB15K|FB15K_YAGO15K)
+      echo "run.sh: dataset folder '$file_dir' does not exist; build it from the raw MMKB files:" >&2
+      echo "  python -m data_process.build_mmkb --mmkb <mmkb root> --dataset $dataset --out $data_root" >&2 ;;
+    */*) echo "run.sh: dataset folder '$file_dir' does not exist." >&2 ;;
+    *) echo "run.sh: unknown dataset '$dataset' (no folder $file_dir)." >&2 ;;
+  esac
+  echo "  <dataset> is one of: FB15K_DB15K, FB15K_YAGO15K (folders under $data_root), default (the embedded" \
+       "synthetic pair), or a path to a folder in the standard layout (containing a '/', e.g. ./my_kgs)" >&2
   exit 2
 fi
 

@@ -159,6 +159,33 @@ if [ "$list_only" = 1 ]; then
   exit 0
 fi
 
+# Every dataset folder the runs still to do need must exist before the first one starts (as run.sh
+# resolves it: a name under $DATA_ROOT, a path, or the embedded default).
+data_root="${DATA_ROOT:-data/mmkb-datasets}"
+missing=()
+for i in "${!names[@]}"; do
+  [ "$(status_of "${names[$i]}")" = done ] && continue
+  read -r -a argv <<< "${argstrs[$i]}"
+  ds="${override:-${argv[1]}}"
+  case "$ds" in
+    default|embedded) continue ;;
+    */*) dir="$ds" ;;
+    *) dir="$data_root/$ds" ;;
+  esac
+  if [ ! -d "$dir" ] && [[ " ${missing[*]:-} " != *" $dir "* ]]; then missing+=("$dir"); fi
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  {
+    echo "run_all.sh: no run started: dataset folder(s) missing: ${missing[*]}. Build each from the raw MMKB"
+    echo "files (docs/data.md; about 4 minutes per dataset on 2 CPU cores), e.g."
+    for dir in "${missing[@]}"; do
+      echo "  python -m data_process.build_mmkb --mmkb <mmkb root> --dataset $(basename "$dir") --out $(dirname "$dir")"
+    done
+    echo "or run the lines on the embedded synthetic pair: bash run_all.sh --dataset-override default ..."
+  } >&2
+  exit 2
+fi
+
 # GPUs: the ids in CUDA_VISIBLE_DEVICES when set, else one per line of `nvidia-smi -L`.
 gpus=()
 if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then

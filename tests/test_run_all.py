@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import stat
 import subprocess
 from pathlib import Path
@@ -25,7 +26,7 @@ from data_process.report import (
     TABLES,
     load_run_list,
 )
-from utils import Config
+from utils import Config, without_codes
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = load_run_list(ROOT / "run_all.sh")
@@ -289,6 +290,30 @@ def test_one_run_per_gpu_in_parallel(fake, gpu_env, expected):
     assert "parallel" in res.stdout
 
 
+def test_a_missing_dataset_stops_before_any_run(fake, tmp_path):
+    """The datasets of the selected lines that are still to do must exist; one message says how to
+    build the missing ones, and nothing runs or is created."""
+    import shutil
+
+    shutil.rmtree(tmp_path / "data" / "FB15K_YAGO15K")
+    res = fake.run("run_all.sh", "--only", "table1", "--out_dir", fake.out, "--no-report", check=False)
+    assert res.returncode == 2 and not fake.calls() and not fake.out.exists()
+    assert "dataset folder(s) missing" in res.stderr and res.stderr.count("build_mmkb") == 1
+    assert (f"python -m data_process.build_mmkb --mmkb <mmkb root> --dataset FB15K_YAGO15K --out "
+            f"{tmp_path / 'data'}") in res.stderr
+    # Lines whose dataset exists run; so does every line on the embedded default or an existing folder.
+    fake.run("run_all.sh", "--only", "t1_db_20", "--out_dir", fake.out, "--no-report")
+    shutil.rmtree(tmp_path / "data")
+    fake.run("run_all.sh", "--only", "t1_yg_20", "--out_dir", fake.out, "--no-report", "--dataset-override", "default")
+    (tmp_path / "mine").mkdir()
+    fake.run("run_all.sh", "--only", "t1_yg_50", "--out_dir", fake.out, "--no-report",
+             "--dataset-override", str(tmp_path / "mine"))
+    assert [_flag(a, "--run_name") for _, a in fake.calls()] == ["t1_db_20", "t1_yg_20", "t1_yg_50"]
+    res = fake.run("run_all.sh", "--only", "table2", "--out_dir", fake.out, "--no-report",
+                   "--dataset-override", str(tmp_path / "nowhere"), check=False)
+    assert res.returncode == 2 and str(tmp_path / "nowhere") in res.stderr and len(fake.calls()) == 3
+
+
 def test_one_gpu_runs_sequentially_on_it(fake):
     fake.run("run_all.sh", "--only", "t1_db_20,t1_db_50", "--out_dir", fake.out, "--no-report",
              extra_env={"FAKE_GPUS": "1"})
@@ -347,5 +372,21 @@ def test_run_sh_rejects_unknown_codes_and_missing_folders(fake, tmp_path):
     res = fake.run("run.sh", 42, "FB15K_DB15K", 0.2, 0, 0, check=False,
                    extra_env={"DATA_ROOT": str(tmp_path / "nowhere")})
     assert res.returncode == 2 and "does not exist" in res.stderr
+    assert f"build_mmkb --mmkb <mmkb root> --dataset FB15K_DB15K --out {tmp_path / 'nowhere'}" in res.stderr
+    res = fake.run("run.sh", 42, "FB15K_WIKI", 0.2, 0, 0, check=False)
+    assert res.returncode == 2 and "unknown dataset 'FB15K_WIKI'" in res.stderr
+    assert all(name in res.stderr for name in ("FB15K_DB15K", "FB15K_YAGO15K", "default", "a path to a folder"))
     assert fake.run("run.sh", 42, "default", check=False).returncode == 2
     assert not fake.calls()
+
+
+def test_run_sh_codes_match_the_modality_table():
+    """run.sh translates the official integer codes in bash; they must be those of MODALITY_TABLE
+    and COMPONENTS (utils.without_codes)."""
+    text = (ROOT / "run.sh").read_text()
+    body = text[text.index("without_name() {"):]
+    body = body[:body.index("\n}")]
+    codes = {int(c): n for c, n in re.findall(r"\b(\d)\) echo (\w+) ;;", body)}
+    assert re.search(r'0\|""\) echo "" ;;', body)
+    assert {0: "", **codes} == without_codes()
+    assert CODES == {str(c): (n or None) for c, n in without_codes().items()}
