@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from data_process import image_features, text_features
+from data_process.dataset import ENT_IDS, LINKS, TRAINING_ATTRS, TRIPLES, feature_file
 
 KG1 = "FB15K"
 DATASETS = {"FB15K_DB15K": (KG1, "DB15K"), "FB15K_YAGO15K": (KG1, "YAGO15K")}
@@ -201,19 +202,19 @@ def _write_lines(path: Path, lines) -> None:
 
 
 def write_layout(folder: Path, kgs: list[IndexedKG], links: list[tuple[int, int]]) -> None:
-    """The text files of the standard MMEA layout."""
+    """The text files of the standard MMEA layout (file names: data_process.dataset)."""
     for i, g in enumerate(kgs, 1):
-        _write_lines(folder / f"ent_ids_{i}", (f"{g.offset + j}\t{n}" for j, n in enumerate(g.names)))
-        _write_lines(folder / f"triples_{i}", (f"{h}\t{r}\t{t}" for h, r, t in g.triples.tolist()))
+        _write_lines(folder / ENT_IDS[i - 1], (f"{g.offset + j}\t{n}" for j, n in enumerate(g.names)))
+        _write_lines(folder / TRIPLES[i - 1], (f"{h}\t{r}\t{t}" for h, r, t in g.triples.tolist()))
         _write_lines(folder / f"attr_triples_{i}", (f"{e}\t{a}\t{v}" for e, a, v in g.attr_triples))
         attrs_of: dict[int, dict[str, None]] = {}
         for e, a, _ in g.attr_triples:
             attrs_of.setdefault(e, {})[a] = None
         _write_lines(
-            folder / f"training_attrs_{i}",
+            folder / TRAINING_ATTRS[i - 1],
             ("\t".join([g.names[e - g.offset], *attrs_of[e]]) for e in sorted(attrs_of)),
         )
-    _write_lines(folder / "ill_ent_ids", (f"{a}\t{b}" for a, b in links))
+    _write_lines(folder / LINKS, (f"{a}\t{b}" for a, b in links))
     _write_lines(folder / "rel_names", (f"{g.rel_offset + j}\t{r}" for g in kgs for j, r in enumerate(g.rel_names)))
 
 
@@ -470,11 +471,11 @@ def build(cfg: BuildConfig) -> dict:
             rel_feats, rel_report = text_features.relation_text_features(
                 np.concatenate([g.triples for g in kgs]), g1.rel_names + g2.rel_names, encoder
             )
-            write_pickle(tmp / "triples_feature_dict.pkl", rel_feats)
+            write_pickle(tmp / feature_file("rel_text", target), rel_feats)
             lap("relation_text")
             attrs_by_entity, leaking_values = attribute_pairs(kgs, name_to_ids)
             attr_feats, attr_report = text_features.attribute_text_features(attrs_by_entity, encoder)
-            write_pickle(tmp / "attribute_feature_dict.pkl", attr_feats)
+            write_pickle(tmp / feature_file("attr_text", target), attr_feats)
             lap("attribute_text")
             stats["text"] = {
                 "model": encoder.name,
@@ -492,7 +493,7 @@ def build(cfg: BuildConfig) -> dict:
         image_reports = []
         if cfg.image_h5 or cfg.image_dir:
             img_feats, image_reports = image_stage(cfg, name_to_ids)
-            write_pickle(tmp / f"{cfg.dataset}_id_img_feature_dict.pkl", img_feats)
+            write_pickle(tmp / feature_file("image", cfg.dataset), img_feats)
             lap("image")
         stats["images"] = image_reports
         stats["coverage"] = {

@@ -75,6 +75,8 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from data_process.dataset import ENT_IDS, LINKS, TRAINING_ATTRS, TRIPLES, feature_file
+
 # ---- generative constants (calibrated with raw_feature_hits1 on the embedded default) ----
 Z_DIM = 32  # size of the latent entity vector
 INDIV_STD = 1.0  # std of an entity's own latent part around its type centre (centres have std 1)
@@ -124,15 +126,15 @@ FB15K_DB15K = dict(
     n_attributes2=225, avg_degree1=80.0, avg_degree2=14.0, img_dim=4096, text_dim=768,
     image_coverage=0.9,
 )
-TEXT_FILES = ("ent_ids_1", "ent_ids_2", "triples_1", "triples_2", "ill_ent_ids", "training_attrs_1",
-              "training_attrs_2", "attr_triples_1", "attr_triples_2", "rel_names")
-PICKLE_FILES = ("triples_feature_dict.pkl", "attribute_feature_dict.pkl")
-MODALITY_FILES = {"relation_text": "triples_feature_dict.pkl", "attribute_text": "attribute_feature_dict.pkl"}
+# The layout's file names come from data_process.dataset, which reads them.
+TEXT_FILES = (*ENT_IDS, *TRIPLES, LINKS, *TRAINING_ATTRS, "attr_triples_1", "attr_triples_2", "rel_names")
+MODALITY_FILES = {"relation_text": feature_file("rel_text", ""), "attribute_text": feature_file("attr_text", "")}
+PICKLE_FILES = tuple(MODALITY_FILES.values())
 
 
 def image_pickle_name(folder: str | os.PathLike) -> str:
     """File name of the image-feature pickle of a dataset folder: ``<basename>_id_img_feature_dict.pkl``."""
-    return f"{Path(folder).name}_id_img_feature_dict.pkl"
+    return feature_file("image", folder)
 
 
 def expected_files(folder: str | os.PathLike) -> list[str]:
@@ -502,10 +504,10 @@ def _generate(out: Path, name: str, *, n1, n2, n_links, n_relations1, n_relation
         np.float32)  # (Z, D_img): unit-variance image pre-activations
 
     # ---- features, one modality at a time so that at most one is in memory
-    _write_pickle(out / "triples_feature_dict.pkl", [
+    _write_pickle(out / MODALITY_FILES["relation_text"], [
         (kg.id_offset + np.arange(len(kg.true_of)), _relation_text(rng, kg, rel_vec, common))
         for kg, rel_vec in zip(kgs, (rel_vec1, rel_vec2))])
-    _write_pickle(out / "attribute_feature_dict.pkl", [
+    _write_pickle(out / MODALITY_FILES["attribute_text"], [
         (kg.id_offset + np.arange(len(kg.true_of)), _attribute_text(rng, kg, u, names, value_vec, common))
         for kg, u, names in zip(kgs, meanings, name_vec)])
     _write_pickle(out / image_pickle_name(name), [
@@ -560,8 +562,8 @@ def _write_text_files(out: Path, kgs: tuple[_KG, _KG], links, ent_names, rel_nam
         n = len(kg.true_of)
         off = kg.id_offset
         names = [f"{kg.tag}:ent_{k}" for k in ent_names[i - 1].tolist()]
-        _write_text(out / f"ent_ids_{i}", "".join(f"{off + e}\t{nm}\n" for e, nm in enumerate(names)))
-        _write_text(out / f"triples_{i}", _int_rows(kg.triples + [off, kg.rel_offset, off]))
+        _write_text(out / ENT_IDS[i - 1], "".join(f"{off + e}\t{nm}\n" for e, nm in enumerate(names)))
+        _write_text(out / TRIPLES[i - 1], _int_rows(kg.triples + [off, kg.rel_offset, off]))
         rel_lines += [f"{kg.rel_offset + r}\t{kg.tag}:rel_{k}\n"
                       for r, k in enumerate(rel_names[i - 1].tolist())]
 
@@ -570,11 +572,11 @@ def _write_text_files(out: Path, kgs: tuple[_KG, _KG], links, ent_names, rel_nam
         _write_text(out / f"attr_triples_{i}", "".join(
             f"{kg.id_offset + e}\t{a}\t{v}\n" for e, a, v in zip(kg.attr_ent.tolist(), attrs, values[i - 1])))
         bounds = np.searchsorted(kg.attr_ent, np.arange(n + 1)).tolist()  # attr_ent is sorted
-        _write_text(out / f"training_attrs_{i}", "".join(
+        _write_text(out / TRAINING_ATTRS[i - 1], "".join(
             names[e] + "\t" + "\t".join(attrs[bounds[e]:bounds[e + 1]]) + "\n" for e in range(n)
             if bounds[e + 1] > bounds[e]))
     _write_text(out / "rel_names", "".join(rel_lines))
-    _write_text(out / "ill_ent_ids", _int_rows(links))
+    _write_text(out / LINKS, _int_rows(links))
 
 
 # ------------------------------------------------------------------ public API
@@ -718,7 +720,7 @@ def raw_feature_hits1(folder: str | os.PathLike) -> dict[str, float]:
     are disjoint, so their raw cross-KG similarity is zero by construction.
     """
     folder = Path(folder)
-    pairs = np.loadtxt(folder / "ill_ent_ids", dtype=np.int64, delimiter="\t", ndmin=2)
+    pairs = np.loadtxt(folder / LINKS, dtype=np.int64, delimiter="\t", ndmin=2)
     paths = {"image": folder / image_pickle_name(folder),
              **{k: folder / v for k, v in MODALITY_FILES.items()}}
     out = {k: _strict_hits1(_load_features(p, pairs[:, 0]), _load_features(p, pairs[:, 1]))
