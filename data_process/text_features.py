@@ -12,7 +12,8 @@ In the official preprocessing the entity's name was part of both texts; here it 
 The builders below receive relation names and (attribute, value) pairs keyed by integer entity id,
 never entity names, so they cannot put a name into a text by accident.
 
-Axis letters: N texts, L tokens, D encoder width, E entities, R relations.
+transformers is the optional extra `text` (`pip install humea[text]`), imported only when an
+encoder is loaded. Axis letters: N texts, L tokens, D encoder width, E entities, R relations.
 """
 
 from __future__ import annotations
@@ -97,7 +98,13 @@ class TextEncoder:
     ):
         if pooling not in POOLINGS:
             raise TextEncoderError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-        from transformers import AutoModel, AutoTokenizer
+        try:
+            from transformers import AutoModel, AutoTokenizer
+        except ImportError as e:
+            raise TextEncoderError(
+                "text features need transformers, the optional extra 'text': pip install humea[text] (from a "
+                "clone: pip install -e '.[text]'), or build without text features: --no_text"
+            ) from e
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         try:

@@ -54,6 +54,7 @@ WORDS = (
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory) -> Path:
     """A randomly initialised 2-layer BERT (hidden 32) with a tiny WordPiece vocabulary, saved locally."""
+    pytest.importorskip("transformers", reason="the optional extra 'text' (pip install -e '.[text]')")
     from transformers import BertConfig, BertModel, BertTokenizer
 
     d = tmp_path_factory.mktemp("tiny_bert")
@@ -157,6 +158,12 @@ def test_encoder_truncates_long_text(tiny_bert):
 def test_encoder_bad_model_dir(tmp_path):
     with pytest.raises(text_features.TextEncoderError, match="--text_model"):
         TextEncoder(str(tmp_path / "nothing_here"), device="cpu")
+
+
+def test_missing_transformers_names_the_extra(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` raise ImportError
+    with pytest.raises(text_features.TextEncoderError, match=r"pip install humea\[text\]"):
+        TextEncoder(str(tmp_path), device="cpu")
 
 
 class FakeEncoder:
