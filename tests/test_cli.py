@@ -7,10 +7,13 @@ in-process through train.cli (fast), once through a real subprocess.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
+import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -186,3 +189,74 @@ def test_unparsable_flag_value_is_a_usage_error(flags, phrase, earlier, capsys):
         train.cli(["--out_dir", str(earlier), *flags])
     assert info.value.code == 2 and phrase in capsys.readouterr().err
     assert tree_state(earlier) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# What a run shows and records: progress lines, provenance, rounded results, --no-save_outputs.
+# ---------------------------------------------------------------------------------------------
+
+
+def _run(tiny_synthetic, out: Path, name: str, *flags: str) -> Path:
+    assert train.cli(["--file_dir", str(tiny_synthetic), "--out_dir", str(out), "--run_name", name, *SMALL,
+                      *flags]) == 0
+    return out / name
+
+
+def test_progress_lines_without_a_terminal(tiny_synthetic, tmp_path, capsys):
+    """stderr is not a terminal here (pytest captures it): no tqdm bar, but a line after the first
+    epoch, every 10 epochs and at the end, with the loss, seconds per epoch and time left."""
+    run = _run(tiny_synthetic, tmp_path, "p", "--epochs", "12", "--check_point", "4")
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if " progress epoch=" in line]
+    assert [int(re.search(r"epoch=(\d+)/12 ", line).group(1)) for line in lines] == [1, 10, 12]
+    for line in lines:
+        assert re.search(r" loss=\d+\.\d{4} sec_per_epoch=\d+\.\d{4} eta=\d+:\d\d:\d\d test_hits1=", line), line
+    assert lines[-1].split("eta=")[1].startswith("0:00:00 ")
+    assert " progress epoch=" not in (run / "log.txt").read_text()  # the record holds the evaluations
+
+
+def test_config_and_results_record_provenance_and_results_are_rounded(tiny_synthetic, tmp_path):
+    run = _run(tiny_synthetic, tmp_path, "prov", "--epochs", "4")
+    config = json.loads((run / "config.json").read_text())
+    results = json.loads((run / "results.json").read_text())
+    assert "eval_only" not in config and results["config"] == {k: v for k, v in config.items() if k != "provenance"}
+    for prov in (config["provenance"], results["provenance"]):
+        assert set(prov) >= {"git_commit", "git_dirty", "torch", "numpy", "transformers", "device", "dataset",
+                             "started"}
+        assert prov["torch"] == torch.__version__ and prov["numpy"] == np.__version__ and prov["device"] == "cpu"
+        assert prov["dataset"] == str(tiny_synthetic.resolve())
+    assert results["provenance"]["finished"] >= results["provenance"]["started"] == config["provenance"]["started"]
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    full, shown = history[-1]["test"]["avg"], results["last_epoch"]["test"]["avg"]
+    assert shown == {k: round(v, 6) for k, v in full.items()}
+    assert any(round(v, 6) != v for v in full.values())  # metrics.jsonl keeps the full precision
+    assert train.Config(**{k: v for k, v in config.items() if k != "provenance"}) == train.Config(
+        **results["config"])
+
+
+def test_no_save_outputs_skips_the_arrays_and_keeps_the_results(tiny_synthetic, tmp_path):
+    full = _run(tiny_synthetic, tmp_path, "full", "--epochs", "4")
+    lean = _run(tiny_synthetic, tmp_path, "lean", "--epochs", "4", "--no-save_outputs")
+    arrays = ("entity_embeddings.npy", "modality_weights.npy", "expert_gates.npz", "predictions.tsv")
+    assert all((full / f).is_file() for f in arrays) and not any((lean / f).exists() for f in arrays)
+    res = [json.loads((r / "results.json").read_text()) for r in (full, lean)]
+    assert res[0]["last_epoch"] == res[1]["last_epoch"] and res[1]["config"]["save_outputs"] is False
+    # A resumed run may change it (it changes no training): the finished run writes its arrays.
+    (lean / "results.json").unlink()
+    assert train.cli(["--resume", str(lean), "--save_outputs"]) == 0
+    assert all((lean / f).is_file() for f in arrays)
+
+
+def test_eval_only_is_an_option_not_a_config_field(earlier):
+    inv = train.parse_args(["--resume", str(earlier / "done"), "--eval_only"])
+    assert inv.eval_only and not hasattr(inv.cfg, "eval_only")
+    assert "eval_only" not in {f.name for f in dataclasses.fields(train.Config)}
+
+
+def test_device_help_states_its_default_once(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    device = text[text.index("--device DEVICE torch"):text.index("--out_dir OUT_DIR parent")]
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert device.count("default") == 1 and f"else cpu (on this machine: {expected})" in device, device

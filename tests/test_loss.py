@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -207,10 +208,26 @@ def test_club_bound_equals_brute_force_eq9():
 
 
 def test_club_bound_gradient_reaches_experts_only_through_the_bound():
+    """As train_epoch uses CLUB: Q_m frozen while the model minimises the bound, then fitted on
+    detached outputs. The experts' gradient is the gradient of Eq. 9 itself (central differences of
+    the brute-force bound), the bound gives Q_m no gradient, and fitting Q_m gives the experts none."""
     club = _club()
-    y = torch.randn(4, 3, 3, dtype=torch.float64, requires_grad=True)
+    g = torch.Generator().manual_seed(4)
+    y = torch.randn(4, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    club.requires_grad_(False)
     club({"image": y}).backward()
-    assert y.grad is not None and y.grad.abs().sum() > 0
+    assert all(p.grad is None for p in club.parameters())
+    eps, numeric = 1e-6, torch.zeros_like(y)
+    for idx in np.ndindex(*y.shape):
+        step = torch.zeros_like(y)
+        step[idx] = eps
+        numeric[idx] = (_brute_bound(club.q["image"], (y + step).detach())
+                        - _brute_bound(club.q["image"], (y - step).detach())) / (2 * eps)
+    assert numeric.abs().sum() > 0 and torch.allclose(y.grad, numeric, atol=1e-6)
+    club.requires_grad_(True)
+    y.grad = None
+    club.q_fit_loss({"image": y}).backward()
+    assert y.grad is None and all(p.grad is not None for p in club.q["image"].parameters())
 
 
 def test_q_fit_loss_equals_brute_force_nll():

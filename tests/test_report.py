@@ -179,4 +179,19 @@ def test_cli_writes_the_page_with_notes(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     assert all(t in text for t in ("## Table 1", "## Table 2", "## Iterative", "## Figure 3", "## Figure 4",
                                    "## Runs"))
-    assert set(PAPER_TABLE1)  # the paper's numbers are data of the module
+    # Table 1 prints the paper's four numbers of every cell in the cell's row and dataset columns.
+    rows = [line.split(" | ") for line in _section(text, "Table 1").splitlines()
+            if "| paper (best test epoch) |" in line]
+    assert len(rows) == 3
+    by_rate = {row[0].strip("| "): row for row in rows}
+    assert sorted(PAPER_TABLE1) == sorted((d, r) for d in ("FB15K_DB15K", "FB15K_YAGO15K") for r in (0.2, 0.5, 0.8))
+    for (dataset, rate), numbers in PAPER_TABLE1.items():
+        h1, h5, h10, mrr = numbers
+        assert 0 < h1 <= h5 <= h10 < 1 and h1 <= mrr < 1  # a well-formed result (MRR >= Hits@1)
+        first = 2 if dataset == "FB15K_DB15K" else 7  # columns: seeds, result, 5 per dataset
+        assert by_rate[f"{round(rate * 100)}%"][first:first + 4] == [f"{v:.4f}" for v in numbers]
+
+
+def test_the_command_from_config_json_skips_its_provenance():
+    config = {"rate": 0.5, "epochs": 1000, "provenance": {"git_commit": "abc", "device": "cpu"}}
+    assert report._non_default_flags(config) == ["--rate 0.5"]
