@@ -17,7 +17,7 @@ from data_process.dataset import (
     relation_bow,
     split_links,
 )
-from utils import Config, DataError, parse_without
+from utils import Config, DataError, Switches, parse_without
 
 
 def _unit_rows(m) -> np.ndarray:
@@ -312,6 +312,8 @@ def test_parse_without_names_and_aliases():
         parse_without("graph,bogus")
     assert "'bogus'" in str(info.value) and "attr_text" in str(info.value)  # lists the valid names
     assert Config(without="v,club").switches.off == ("club", "image")
+    assert Config(without="a_t, cl,hmoe").switches == Switches(frozenset({"attr_text"}), use_cl=False, use_hmoe=False)
+    assert Config().switches == Switches() and Switches().off == ()
 
 
 def test_read_pair_file_accepts_left_right_pairs(toy_dir, tmp_path):
