@@ -62,12 +62,6 @@ COMPONENTS = {"cl": (7, "the unimodal contrastive losses L_m^CL (Eq. 15)"),
               "hmoe": (None, "the hierarchical MoE: one linear layer per modality, uniform fusion")}
 
 
-def without_codes() -> dict[int, str]:
-    """run.sh's integer <without> codes -> names (0 = nothing switched off)."""
-    codes = {0: ""} | {m.without_code: m.name for m in MODALITY_TABLE}
-    return codes | {code: name for name, (code, _) in COMPONENTS.items() if code is not None}
-
-
 def parse_without(text: str) -> list[str]:
     """'image,cl' or 'v' -> canonical names; unknown names are an error listing the valid ones.
     The one parser of --without; the rest of the code reads ``Config.switches``."""

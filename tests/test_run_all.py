@@ -26,7 +26,7 @@ from data_process.report import (
     TABLES,
     load_run_list,
 )
-from utils import Config, without_codes
+from utils import COMPONENTS, MODALITY_TABLE, Config
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = load_run_list(ROOT / "run_all.sh")
@@ -382,11 +382,13 @@ def test_run_sh_rejects_unknown_codes_and_missing_folders(fake, tmp_path):
 
 def test_run_sh_codes_match_the_modality_table():
     """run.sh translates the official integer codes in bash; they must be those of MODALITY_TABLE
-    and COMPONENTS (utils.without_codes)."""
+    and COMPONENTS."""
+    table = {0: ""} | {m.without_code: m.name for m in MODALITY_TABLE}
+    table |= {code: name for name, (code, _) in COMPONENTS.items() if code is not None}
     text = (ROOT / "run.sh").read_text()
     body = text[text.index("without_name() {"):]
     body = body[:body.index("\n}")]
     codes = {int(c): n for c, n in re.findall(r"\b(\d)\) echo (\w+) ;;", body)}
     assert re.search(r'0\|""\) echo "" ;;', body)
-    assert {0: "", **codes} == without_codes()
-    assert CODES == {str(c): (n or None) for c, n in without_codes().items()}
+    assert {0: "", **codes} == table
+    assert CODES == {str(c): (n or None) for c, n in table.items()}
