@@ -56,10 +56,10 @@ MODALITIES = tuple(m.name for m in MODALITY_TABLE)
 MODALITY_ALIASES = {a: m.name for m in MODALITY_TABLE for a in m.aliases}
 # Switchable loss / architecture components (Table 2's last rows): name -> (run.sh's integer
 # <without> code or None, what switching it off removes).
-COMPONENTS = {"cl": (7, "the unimodal contrastive losses L_m^CL (Eq. 15)"),
-              "al": (8, "the unimodal distillation losses L_m^AL (Eq. 16)"),
-              "club": (None, "the expert disentanglement loss L_CLUB (Eq. 9)"),
-              "hmoe": (None, "the hierarchical MoE: one linear layer per modality, uniform fusion")}
+COMPONENTS = {"cl": (7, "the unimodal contrastive losses L_m^CL, Eq. 15"),
+              "al": (8, "the unimodal distillation losses L_m^AL, Eq. 16"),
+              "club": (None, "the expert disentanglement loss L_CLUB, Eq. 9"),
+              "hmoe": (None, "the hierarchical MoE, replaced by one linear layer per modality and uniform fusion")}
 
 
 def parse_without(text: str) -> list[str]:
@@ -140,9 +140,9 @@ class Config:
     mi_loss: float = _flag(1e-4, "weight of the CLUB loss (Eq. 17; the official code's 1e-4)")
     club_bsize: int = _flag(128, "entities in the batch on which L_CLUB (Eq. 9) is computed each epoch")
     q_lr: float = _flag(5e-4, "learning rate of the CLUB variational networks' own AdamW")
-    without: str = _flag("", "comma-separated names to switch off: modalities "
-                              f"{', '.join(MODALITIES)} (or the paper's g, v, r_b, r_t, a_b, a_t) and components "
-                              + ", ".join(f"{c} ({what})" for c, (_, what) in COMPONENTS.items()))
+    without: str = _flag("", "comma-separated names to switch off: the modalities "
+                              f"{', '.join(MODALITIES)} (or the paper's g, v, r_b, r_t, a_b, a_t), and the "
+                              "components " + "; ".join(f"{c}: {what}" for c, (_, what) in COMPONENTS.items()))
     csls: bool = _flag(True, "rank with CSLS (--no-csls: plain cosine)", boolean=True)
     csls_k: int = _flag(3, "neighbourhood size k of CSLS")
     il: bool = _flag(False, "iterative training: add mutual nearest neighbours as pseudo pairs", boolean=True)
