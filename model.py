@@ -6,7 +6,7 @@ K experts per modality, M active modalities.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -54,12 +54,10 @@ class ModelConfig:
 
     @classmethod
     def from_config(cls, cfg: Config) -> ModelConfig:
+        """Every field named like a Config field (or property) is read from it; the GAT's shape from --heads."""
         heads = cfg.heads.split(",")
-        return cls(hidden=cfg.hidden, gat_layers=len(heads), heads=int(heads[0]), n_exp=cfg.n_exp,
-                   fusion_weight_dim=cfg.fusion_weight_dim, dropout=cfg.dropout, attn_dropout=cfg.attn_dropout,
-                   expert_dropout=cfg.expert_dropout, amp=cfg.amp, expert=cfg.expert, graph_moe=cfg.graph_moe,
-                   graph_residual=cfg.graph_residual, moe_input_norm=cfg.moe_input_norm, router=cfg.router,
-                   router_init=cfg.router_init, loss_weighting=cfg.loss_weighting, switches=cfg.switches)
+        shared = {f.name: getattr(cfg, f.name) for f in fields(cls) if f.name not in ("gat_layers", "heads")}
+        return cls(gat_layers=len(heads), heads=int(heads[0]), **shared)
 
 
 @dataclass

@@ -783,7 +783,6 @@ def epoch_loop(s: Session) -> None:
     if s.start == 0:  # epoch 0: the untrained model, and whether a modality is collapsed from the start
         checkpoint_record(s, 0, {}, sample)
         s.tic = time.perf_counter()
-    last_h1 = state["history"][-1]["test"]["avg"]["hits@1"] if state["history"] else float("nan")
     progress = Progress(s.start, cfg.total_epochs)
     for epoch in range(s.start + 1, cfg.total_epochs + 1):  # the number of this epoch, and of epochs done at its end
         current, shuffle = epoch_pairs(s, epoch)
@@ -797,7 +796,7 @@ def epoch_loop(s: Session) -> None:
             add_pseudo_labels(s, epoch, current)
         if epoch % cfg.check_point == 0 or epoch == cfg.total_epochs:
             checkpoint_record(s, epoch, terms, sample)
-            last_h1 = state["history"][-1]["test"]["avg"]["hits@1"]
+        last_h1 = state["history"][-1]["test"]["avg"]["hits@1"] if state["history"] else float("nan")
         progress.update(epoch, terms["loss"], last_h1)
         if cfg.save_every and epoch % cfg.save_every == 0 and epoch < cfg.total_epochs:
             s.add_elapsed()
