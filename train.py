@@ -512,6 +512,32 @@ def modality_health(modalities, emb, rows) -> dict:
     return {"cosine": cosine, "weight": weight}
 
 
+# Pairs sampled (fixed per run) for the per-modality Hits@1 of the health record: among HEALTH_PAIRS test
+# pairs, and among as many training pairs, each entity ranked against its sample's other side only.
+HEALTH_PAIRS = 1000
+
+
+def health_pair_sample(pairs: np.ndarray, seed: int) -> np.ndarray:
+    """A fixed sample of at most HEALTH_PAIRS rows of ``pairs``, the same at every evaluation."""
+    rows = np.random.default_rng(seed).choice(len(pairs), min(HEALTH_PAIRS, len(pairs)), replace=False)
+    return pairs[np.sort(rows)]
+
+
+def modality_hits(model: HUMEA, inputs: ModelInputs, samples: dict[str, np.ndarray], cfg: Config) -> dict:
+    """Hits@1 of each unimodal embedding h'_m (and of the fused one) on each sample of pairs, e.g.
+    {"test": ..., "train": ...}: a modality whose training Hits@1 climbs while its test Hits@1 does not
+    is memorising the seed pairs. Every pair counts, also those whose entities lack the modality."""
+    ids = np.unique(np.concatenate([p.ravel() for p in samples.values()]))
+    emb = model.embed(ids, inputs)
+    out = {}
+    for name, pairs in samples.items():
+        rows = lambda e: evaluate_alignment(e, pairs, ids=ids, csls_k=cfg.csls_k, use_csls=cfg.csls,
+                                            chunk=cfg.eval_chunk)["avg"]["hits@1"]
+        out[name] = {m: round(rows(emb.unimodal[m]), 4) for m in model.modalities}
+        out[name]["fused"] = round(rows(emb.fused), 4)
+    return out
+
+
 def health_warnings(health: dict) -> list[str]:
     out = [f"modality {m} has collapsed: mean pairwise cosine {c:.3f} > {COLLAPSED_COSINE} (every entity gets "
            "nearly the same embedding)" for m, c in health["cosine"].items() if c > COLLAPSED_COSINE]
@@ -729,11 +755,12 @@ def open_run_folder(s: Session) -> None:
     atomic_write(s.run / "metrics.jsonl", lambda f: f.writelines(json.dumps(h) + "\n" for h in s.state["history"]))
 
 
-def checkpoint_record(s: Session, epoch: int, terms: dict, sample: np.ndarray) -> None:
+def checkpoint_record(s: Session, epoch: int, terms: dict, sample: np.ndarray, pair_samples: dict) -> None:
     """Evaluate (test, validation, modality health), append the record to the history and to
     metrics.jsonl, log it."""
     record = {"epoch": epoch, **{k: round(v, 6) for k, v in terms.items()}}
     record["test"], record["health"] = evaluate(s.model, s.inputs, s.split.test, s.cfg, health_ids=sample)
+    record["health"]["hits1"] = modality_hits(s.model, s.inputs, pair_samples, s.cfg)
     if len(s.split.valid):
         record["valid"] = evaluate(s.model, s.inputs, s.split.valid, s.cfg)
     s.add_elapsed()
@@ -747,6 +774,9 @@ def checkpoint_record(s: Session, epoch: int, terms: dict, sample: np.ndarray) -
     s.log.info(kv(epoch=epoch, **loss, test_hits1=t["hits@1"], test_hits10=t["hits@10"], test_mrr=t["mrr"], **valid))
     h = record["health"]
     s.log.info("health " + " ".join(f"{m}:cos={h['cosine'][m]:.3f},w={h['weight'][m]:.3f}" for m in h["cosine"]))
+    test, seeds = h["hits1"]["test"], h["hits1"]["train"]
+    s.log.info(f"hits1 on {len(pair_samples['test'])} test / {len(pair_samples['train'])} training pairs " +
+               " ".join(f"{m}={test[m]:.3f}/{seeds[m]:.3f}" for m in test))
     for warning in health_warnings(h):
         s.log.warning(f"WARNING epoch {epoch}: {warning}")
 
@@ -779,9 +809,11 @@ def epoch_loop(s: Session) -> None:
     cfg, state = s.cfg, s.state
     il_start = cfg.il_start if cfg.il_start >= 0 else cfg.epochs
     sample = health_sample(s.split.test, cfg.seed)
+    pair_samples = {"test": health_pair_sample(s.split.test, cfg.seed),
+                    "train": health_pair_sample(s.train_pairs, cfg.seed)}  # the seed pairs, not the pseudo-labels
     s.tic = time.perf_counter()
     if s.start == 0:  # epoch 0: the untrained model, and whether a modality is collapsed from the start
-        checkpoint_record(s, 0, {}, sample)
+        checkpoint_record(s, 0, {}, sample, pair_samples)
         s.tic = time.perf_counter()
     progress = Progress(s.start, cfg.total_epochs)
     for epoch in range(s.start + 1, cfg.total_epochs + 1):  # the number of this epoch, and of epochs done at its end
@@ -795,7 +827,7 @@ def epoch_loop(s: Session) -> None:
         if cfg.il and epoch > il_start and (epoch - il_start) % cfg.il_step == 0:
             add_pseudo_labels(s, epoch, current)
         if epoch % cfg.check_point == 0 or epoch == cfg.total_epochs:
-            checkpoint_record(s, epoch, terms, sample)
+            checkpoint_record(s, epoch, terms, sample, pair_samples)
         last_h1 = state["history"][-1]["test"]["avg"]["hits@1"] if state["history"] else float("nan")
         progress.update(epoch, terms["loss"], last_h1)
         if cfg.save_every and epoch % cfg.save_every == 0 and epoch < cfg.total_epochs:

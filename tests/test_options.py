@@ -299,6 +299,33 @@ def test_health_flags_a_collapsed_modality_and_a_negligible_weight():
     assert "graph has collapsed" in warnings[0] and "text has a negligible weight" in warnings[1]
 
 
+def test_modality_hits_ranks_each_sample_within_itself():
+    """A modality that maps both sides of a pair to the same vector scores 1 on every sample; one that
+    swaps two of the training pairs' right entities scores 0.5 there and 1 on the test pairs."""
+    n = 8
+    base = F.normalize(torch.randn(n, 6, generator=torch.Generator().manual_seed(1)), dim=1)
+    ids = np.arange(2 * n)
+    same = torch.cat([base, base])  # entity i and n + i share a vector
+    swapped = same.clone()
+    swapped[[n, n + 1]] = swapped[[n + 1, n]]  # training pairs (0, n) and (1, n + 1) point at each other's
+
+    class Model:
+        modalities = ("a", "b")
+
+        def embed(self, got, inputs):
+            assert np.array_equal(got, ids)  # one embedding pass over every sample's entities
+            emb = type("E", (), {})()
+            emb.unimodal, emb.fused = {"a": same, "b": swapped}, torch.cat([same, swapped], 1)
+            return emb
+
+    samples = {"train": np.stack([np.arange(4), np.arange(4) + n], 1),
+               "test": np.stack([np.arange(4, n), np.arange(4, n) + n], 1)}
+    cfg = type("C", (), {"csls_k": 3, "csls": False, "eval_chunk": 64})()
+    out = train.modality_hits(Model(), None, samples, cfg)
+    assert out["test"] == {"a": 1.0, "b": 1.0, "fused": 1.0}
+    assert out["train"]["a"] == 1.0 and out["train"]["b"] == 0.5
+
+
 def test_health_is_recorded_from_epoch_0(tiny_synthetic, tmp_path):
     args = ["--file_dir", str(tiny_synthetic), "--out_dir", str(tmp_path), "--run_name", "h", "--device", "cpu",
             "--epochs", "10", "--check_point", "10", "--hidden_units", "8,8,8"]
@@ -310,7 +337,11 @@ def test_health_is_recorded_from_epoch_0(tiny_synthetic, tmp_path):
     for r in rows:
         assert set(r["health"]["cosine"]) == set(r["health"]["weight"]) and len(r["health"]["cosine"]) == 6
         assert all(-1 <= c <= 1 for c in r["health"]["cosine"].values())
-    assert "health graph:cos=" in (tmp_path / "h" / "log.txt").read_text()
+        hits = r["health"]["hits1"]
+        assert set(hits) == {"test", "train"} and set(hits["test"]) == set(r["health"]["cosine"]) | {"fused"}
+        assert all(0 <= v <= 1 for split in hits.values() for v in split.values())
+    log = (tmp_path / "h" / "log.txt").read_text()
+    assert "health graph:cos=" in log and "training pairs graph=" in log
 
 
 # ---------------------------------------------------------------------------------------------
