@@ -59,11 +59,12 @@ from utils import (
 
 
 class Invocation(NamedTuple):
-    """What the command line asks for: the run's Config and how to use it. ``eval_only`` is an action,
-    not part of the run's configuration: it is never saved into config.json."""
+    """What the command line asks for: the run's Config and how to use it. ``eval_only`` and
+    ``extend_to`` are actions on a resumed run, not part of its configuration: never saved as such."""
 
     cfg: Config
     eval_only: bool = False
+    extend_to: int = 0
 
 
 def parse_args(argv=None) -> Invocation:
@@ -84,9 +85,12 @@ def parse_args(argv=None) -> Invocation:
                            choices=meta.get("choices"))
     p.add_argument("--eval_only", action="store_true",
                    help="with --resume: load the run's checkpoint, evaluate on its test pairs and print the metrics")
+    p.add_argument("--extend_to", type=int, default=0, metavar="EPOCHS",
+                   help="with --resume: continue the run to EPOCHS epochs in all (more than it has trained), also "
+                        "a finished one, whose results.json and outputs move to <run>/epoch<E>/ first")
     args = vars(p.parse_args(argv))
-    eval_only = args.pop("eval_only")
-    return Invocation(Config(**args), eval_only)
+    eval_only, extend_to = args.pop("eval_only"), args.pop("extend_to")
+    return Invocation(Config(**args), eval_only, extend_to)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,6 +196,32 @@ def resumed_config(cfg: Config, saved: dict) -> Config:
                             f"{getattr(out, f.name)}; a resumed run keeps its configuration (only --device and "
                             "--save_outputs may change): start a new run to change it")
     return dataclasses.replace(out, device=cfg.device, save_outputs=cfg.save_outputs)
+
+
+# What a finished run wrote at its end; --extend_to moves them aside before training on.
+FINAL_FILES = ("results.json", "entity_embeddings.npy", "modality_weights.npy", "expert_gates.npz",
+               "predictions.tsv", "train_ill_final.tsv")
+
+
+def extended_config(cfg: Config, run: Path, done: int, extend_to: int) -> Config:
+    """--extend_to: the same run, trained to ``extend_to`` epochs. Nothing depends on --epochs but the
+    number of epochs (and the start of iterative training, hence refused with --il), so the result
+    equals a run started with --epochs extend_to. A finished run's final files move to
+    <run>/epoch<done>/ first: nothing it wrote is lost."""
+    if extend_to <= done:
+        raise DataError(f"--extend_to {extend_to}: {run} has already trained {done} epochs; give a larger number")
+    if cfg.il:
+        raise DataError(f"--extend_to: {run} uses iterative training, whose start depends on --epochs; "
+                        "start a new run with the epochs wanted instead")
+    if (run / "results.json").is_file():
+        archive = run / f"epoch{done}"
+        if archive.exists():
+            raise DataError(f"--extend_to: {archive} already exists; move it away first (nothing was changed)")
+        archive.mkdir()
+        for name in FINAL_FILES:
+            if (run / name).exists():
+                (run / name).rename(archive / name)
+    return dataclasses.replace(cfg, epochs=extend_to)
 
 
 def finished_run(run: Path, log: logging.Logger) -> dict:
@@ -863,25 +893,33 @@ def finish(s: Session) -> dict:
     return results
 
 
-def main(cfg: Config, eval_only: bool = False) -> dict:
+def main(cfg: Config, eval_only: bool = False, extend_to: int = 0) -> dict:
     """One run: set up or resume, the epoch loop, finish. With ``eval_only`` (and --resume): evaluate
-    the checkpoint on the test pairs and write nothing."""
+    the checkpoint on the test pairs and write nothing. With ``extend_to`` (and --resume): train the
+    run on to that many epochs."""
     cfg.validate()
     run = ckpt = None
+    if eval_only and extend_to:
+        raise DataError("--eval_only and --extend_to exclude each other: evaluate, or train on")
     if cfg.resume:
         run = Path(cfg.resume)
         ckpt = load_checkpoint(run)
         cfg = resumed_config(cfg, ckpt["config"])
+        if extend_to:
+            cfg = extended_config(cfg, run, ckpt["epoch"], extend_to)
         if (run / "results.json").is_file() and not eval_only:
             return finished_run(run, get_logger(None))
-    elif eval_only:
-        raise DataError("--eval_only needs --resume <run folder>: the run whose checkpoint to evaluate")
+    elif eval_only or extend_to:
+        raise DataError(f"--{'eval_only' if eval_only else 'extend_to'} needs --resume <run folder>: the run "
+                        "whose checkpoint to use")
     s = set_up(cfg, run, ckpt)
     if eval_only:
         res = evaluate(s.model, s.inputs, s.split.test, cfg)
         print(format_table({f"test (checkpoint, epoch {s.start})": res}))
         return res
     open_run_folder(s)
+    if extend_to:
+        s.log.info(kv(extended_from=s.start, extended_to=extend_to))
     epoch_loop(s)
     return finish(s)
 

@@ -120,6 +120,40 @@ def test_killed_run_resumes_to_the_same_final_metrics(tiny_synthetic, tmp_path, 
     assert tree_state(run) == before
 
 
+def test_extending_a_finished_run_equals_a_longer_run(tiny_synthetic, tmp_path):
+    """--resume RUN --extend_to 20 on a finished 10-epoch run gives, bit for bit, the metrics of a
+    20-epoch run of the same seed; the 10-epoch results and outputs are kept in RUN/epoch10/."""
+    out = tmp_path / "runs"
+    assert train.cli(_args(tiny_synthetic, out, "long", "--epochs", "20")) == 0
+    assert train.cli(_args(tiny_synthetic, out, "short", "--epochs", "10")) == 0
+    short = out / "short"
+    first = (short / "results.json").read_text()
+    embeddings = np.load(short / "entity_embeddings.npy")
+    assert train.cli(["--resume", str(short), "--extend_to", "20"]) == 0
+    assert _metrics(short) == _metrics(out / "long")
+    assert _results(short) == _results(out / "long")
+    assert (short / "epoch10" / "results.json").read_text() == first
+    np.testing.assert_array_equal(np.load(short / "epoch10" / "entity_embeddings.npy"), embeddings)
+    assert json.loads((short / "config.json").read_text())["epochs"] == 20
+    assert "extended_from=10 extended_to=20" in (short / "log.txt").read_text()
+
+
+def test_extend_to_refuses_what_it_cannot_do(tiny_synthetic, tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert train.cli(_args(tiny_synthetic, out, "r", "--epochs", "5")) == 0
+    run = out / "r"
+    (run / "epoch5").mkdir()  # an earlier archive in the way: refuse, change nothing
+    before = tree_state(run)
+    for extra, message in ((["--extend_to", "5"], "already trained 5 epochs"),
+                           (["--extend_to", "10"], "epoch5 already exists"),
+                           (["--extend_to", "10", "--eval_only"], "exclude each other")):
+        assert train.cli(["--resume", str(run), *extra]) == 2
+        assert message in capsys.readouterr().err
+        assert tree_state(run) == before
+    assert train.cli(["--extend_to", "10"]) == 2
+    assert "needs --resume" in capsys.readouterr().err
+
+
 def test_same_seed_gives_identical_runs(tiny_synthetic, tmp_path):
     out = tmp_path / "runs"
     for name in ("a", "b"):
