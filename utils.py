@@ -181,7 +181,8 @@ class Config:
     moe_input_norm: str = _flag("layernorm", "normalisation of each FFN MoE's input: layernorm (no affine; "
                                              "keeps small GAT outputs from being drowned by the expert "
                                              "biases, docs/accuracy.md) or none", choices=("layernorm", "none"))
-    expert_dropout: float = _flag(0.0, "dropout on the hidden layer of every FFN expert (Eq. 5), in [0, 1)")
+    expert_dropout: float = _flag(0.5, "dropout on the hidden layer of every FFN expert (Eq. 5), in [0, 1): "
+                                       "holds off their memorising the seed pairs (docs/accuracy.md)")
     router: str = _flag("entity", "inter-modal weights: entity (Eq. 11, a router per entity) or global (the "
                                   "official code's one weight vector over 7 modality combinations, top 5)",
                         choices=("entity", "global"))
@@ -278,7 +279,7 @@ class Config:
 PRESETS: dict[str, dict] = {
     "paper": {},
     "official": dict(expert="linear", graph_moe=False, graph_residual=False, moe_input_norm="none",
-                     router="global", router_balance=0.0,
+                     expert_dropout=0.0, router="global", router_balance=0.0,
                      feature_norm="official", missing="fill", loss_weighting="uncertainty",
                      distill_direction="joint_teacher", curriculum=True, club="random_pair"),
 }

@@ -191,6 +191,31 @@ def test_intra_modal_moe_equals_k_separate_experts(input_norm):
         torch.testing.assert_close(mixed[i], total)
 
 
+def test_expert_dropout_zeroes_hidden_units_in_training_only():
+    """Dropout p on the experts' hidden layer: in training each expert output is the second layer
+    applied to the hidden units with about a fraction p zeroed and the rest scaled by 1/(1-p); in
+    evaluation the module is exactly the one without dropout."""
+    torch.manual_seed(8)
+    f, hid, d, k, b, p = 6, 400, 3, 2, 4, 0.5
+    moe = IntraModalMoE(f, hid, d, k, dropout=p).double()
+    plain = IntraModalMoE(f, hid, d, k, dropout=0.0).double()
+    plain.load_state_dict(moe.state_dict())
+    x = torch.randn(b, f, dtype=torch.float64)
+    moe.eval(), plain.eval()
+    for got, want in zip(moe(x), plain(x)):
+        torch.testing.assert_close(got, want)
+    moe.train()
+    torch.manual_seed(9)
+    _, experts, _ = moe(x)
+    torch.manual_seed(9)  # the same mask, rebuilt by hand
+    xn = F.layer_norm(x, (f,))
+    hidden = torch.relu(moe.first(xn)).view(b, k, hid)
+    keep = F.dropout(torch.ones_like(hidden), p, True)  # 0 or 1/(1-p), drawn as the module draws it
+    assert 0.4 < (keep == 0).double().mean() < 0.6
+    want = torch.einsum("bkh,khd->bkd", hidden * keep, moe.second_w) + moe.second_b
+    torch.testing.assert_close(experts, want)
+
+
 def test_moe_gate_rows_sum_to_one_and_differ_between_entities():
     torch.manual_seed(6)
     moe = IntraModalMoE(6, 4, 4, 4)
