@@ -12,6 +12,7 @@ Run from the repository root (it imports train.py); it reads the checkpoint and 
 """
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -41,7 +42,9 @@ def hits1(emb: torch.Tensor, pairs: np.ndarray, ids: np.ndarray, cfg: Config) ->
 def probe(run: Path) -> None:
     ckpt = train.load_checkpoint(run)
     cfg = Config(**{k: v for k, v in ckpt["config"].items() if k != "provenance"})
+    logging.disable(logging.INFO)  # set_up's log lines (data sizes, the resumed epoch) are not needed here
     s = train.set_up(cfg, run, ckpt)
+    logging.disable(logging.NOTSET)
     mods = s.model.modalities
     print(f"{run} at epoch {ckpt['epoch']}")
     print("  " + " ".join(f"{m:>10}" for m in (*mods, "fused")) + "   (Hits@1)")
