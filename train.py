@@ -97,9 +97,13 @@ def parse_args(argv=None) -> Invocation:
 # The run folder: its name, its log, its checkpoint, resumption and the final outputs.
 # ---------------------------------------------------------------------------------------------
 
-# The files of a run folder written by utils.atomic_write (through a temporary ".<name>.XXXX" file).
-OUTPUT_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "entity_embeddings.npy", "modality_weights.npy",
-                "expert_gates.npz", "predictions.tsv", "train_ill_final.tsv", "results.json")
+# The files of a run folder written by utils.atomic_write (through a temporary ".<name>.XXXX" file):
+# those kept up to date while it trains, and those a finished run writes at its end (which
+# --extend_to moves aside before training on).
+RUNNING_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt")
+FINAL_FILES = ("results.json", "entity_embeddings.npy", "modality_weights.npy", "expert_gates.npz",
+               "predictions.tsv", "train_ill_final.tsv")
+OUTPUT_FILES = RUNNING_FILES + FINAL_FILES
 
 
 def dataset_dir(cfg: Config) -> Path:
@@ -198,11 +202,6 @@ def resumed_config(cfg: Config, saved: dict) -> Config:
     return dataclasses.replace(out, device=cfg.device, save_outputs=cfg.save_outputs)
 
 
-# What a finished run wrote at its end; --extend_to moves them aside before training on.
-FINAL_FILES = ("results.json", "entity_embeddings.npy", "modality_weights.npy", "expert_gates.npz",
-               "predictions.tsv", "train_ill_final.tsv")
-
-
 def extended_config(cfg: Config, run: Path, done: int, extend_to: int) -> Config:
     """--extend_to: the same run, trained to ``extend_to`` epochs. Nothing depends on --epochs but the
     number of epochs (and the start of iterative training, hence refused with --il), so the result
@@ -279,8 +278,7 @@ def write_outputs(run: Path, model: HUMEA, inputs: ModelInputs, data: MMKG, test
     router weights, expert gates and the test predictions with names."""
     ids = np.arange(data.num_entities)
     out = model.embed(ids, inputs)
-    res = evaluate_alignment(out.fused, test_pairs, csls_k=cfg.csls_k, use_csls=cfg.csls,
-                             chunk=cfg.eval_chunk, with_predictions=cfg.save_outputs)
+    res = alignment_metrics(out.fused, test_pairs, cfg, with_predictions=cfg.save_outputs)
     if not cfg.save_outputs:
         return res
     atomic_write(run / "entity_embeddings.npy", lambda f: np.save(f, out.fused.cpu().numpy()), "wb")
@@ -502,14 +500,20 @@ def numerical_fault(e: FloatingPointError, run: Path, saved_epoch: int | None, c
 # ---------------------------------------------------------------------------------------------
 
 
+def alignment_metrics(emb: torch.Tensor, pairs: np.ndarray, cfg: Config, ids: np.ndarray | None = None,
+                      with_predictions: bool = False) -> dict:
+    """utils.evaluate_alignment with the run's CSLS and chunk settings."""
+    return evaluate_alignment(emb, pairs, ids=ids, csls_k=cfg.csls_k, use_csls=cfg.csls, chunk=cfg.eval_chunk,
+                              with_predictions=with_predictions)
+
+
 def evaluate(model: HUMEA, inputs: ModelInputs, pairs: np.ndarray, cfg: Config, with_predictions=False,
              health_ids: np.ndarray | None = None):
     """Metrics of ``pairs``; with ``health_ids`` (entities among the pairs') also their modality_health."""
     release_free_heap()  # the freed memory of the training epochs, before the evaluation's own peak
     ids = np.unique(pairs)
     emb = model.embed(ids, inputs)
-    res = evaluate_alignment(emb.fused, pairs, ids=ids, csls_k=cfg.csls_k, use_csls=cfg.csls,
-                             chunk=cfg.eval_chunk, with_predictions=with_predictions)
+    res = alignment_metrics(emb.fused, pairs, cfg, ids=ids, with_predictions=with_predictions)
     if health_ids is None:
         return res
     return res, modality_health(model.modalities, emb, np.searchsorted(ids, health_ids))
@@ -559,13 +563,9 @@ def modality_hits(model: HUMEA, inputs: ModelInputs, samples: dict[str, np.ndarr
     is memorising the seed pairs. Every pair counts, also those whose entities lack the modality."""
     ids = np.unique(np.concatenate([p.ravel() for p in samples.values()]))
     emb = model.embed(ids, inputs)
-    out = {}
-    for name, pairs in samples.items():
-        rows = lambda e: evaluate_alignment(e, pairs, ids=ids, csls_k=cfg.csls_k, use_csls=cfg.csls,
-                                            chunk=cfg.eval_chunk)["avg"]["hits@1"]
-        out[name] = {m: round(rows(emb.unimodal[m]), 4) for m in model.modalities}
-        out[name]["fused"] = round(rows(emb.fused), 4)
-    return out
+    tables = {**emb.unimodal, "fused": emb.fused}  # modality -> (R, D), rows = ids
+    return {name: {m: round(alignment_metrics(e, pairs, cfg, ids=ids)["avg"]["hits@1"], 4) for m, e in tables.items()}
+            for name, pairs in samples.items()}
 
 
 def health_warnings(health: dict) -> list[str]:

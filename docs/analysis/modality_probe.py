@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import train  # noqa: E402
-from utils import Config, evaluate_alignment  # noqa: E402
+from utils import Config  # noqa: E402
 
 # Fixed weightings to compare, by modality (missing ones count 0; the rest 1).
 WEIGHTINGS = {
@@ -35,8 +35,7 @@ WEIGHTINGS = {
 
 
 def hits1(emb: torch.Tensor, pairs: np.ndarray, ids: np.ndarray, cfg: Config) -> float:
-    return round(evaluate_alignment(emb, pairs, ids=ids, csls_k=cfg.csls_k, use_csls=cfg.csls,
-                                    chunk=cfg.eval_chunk)["avg"]["hits@1"], 3)
+    return round(train.alignment_metrics(emb, pairs, cfg, ids=ids)["avg"]["hits@1"], 3)
 
 
 def probe(run: Path) -> None:
