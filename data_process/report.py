@@ -31,7 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 RUN_ALL = ROOT / "run_all.sh"
 
-TABLES = ("table1", "table2", "il", "fig3")
+TABLES = ("table1", "table2", "seeds", "il", "fig3")
 METRICS = ("hits@1", "hits@5", "hits@10", "mrr")
 METRIC_LABELS = ("H@1", "H@5", "H@10", "MRR")
 DATASETS = ("FB15K_DB15K", "FB15K_YAGO15K")
@@ -401,6 +401,54 @@ def table2_section(runs: list[Run], by_name: dict[str, Run], show_valid: bool) -
             *_md_table(header, rows), ""]
 
 
+def seed_spread(values: list[float]) -> tuple[float, float | None]:
+    """(mean, sample standard deviation with n - 1) of the finished seeds' values; no deviation of one."""
+    v = np.asarray(values, dtype=np.float64)
+    return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else None)
+
+
+def seeds_section(runs: list[Run], by_name: dict[str, Run], show_valid: bool) -> list[str]:
+    """The BASE_RUN setting repeated with other seeds (table "seeds"): one row per seed, then the
+    mean and sample standard deviation over the finished ones. The seed also draws the split."""
+    base = by_name.get(BASE_RUN)
+    seeded = ([base] if base else []) + [r for r in runs if r.spec.table == "seeds"]
+    if len(seeded) < 2:
+        return []
+    selections = _selections(show_valid)
+    header = ["seed", "run", "state"]
+    short = {"last_epoch": "last", "best_valid_epoch": "best valid", "best_test_epoch": "best TEST*"}
+    for key, _ in selections:
+        header += [f"{short[key]} H@1", f"{short[key]} MRR", f"{short[key]} epoch"]
+    rows, values = [], {k: {"hits@1": [], "mrr": []} for k, _ in selections}
+    for run in seeded:
+        seed = (run.config or {}).get("seed", run.spec.positional[0])
+        row = [str(seed), f"`{run.spec.name}`", run.status]
+        for key, _ in selections:
+            sel = run.selection(key) if run.finished else None
+            if sel is None:
+                row += ["-", "-", "-"]
+                continue
+            row += [_num(sel["avg"]["hits@1"]), _num(sel["avg"]["mrr"]), str(sel["epoch"])]
+            for m in ("hits@1", "mrr"):
+                values[key][m].append(sel["avg"][m])
+        rows.append(row)
+    summary = ["mean ± std", "", f"{sum(r.finished for r in seeded)} finished"]
+    for key, _ in selections:
+        for m in ("hits@1", "mrr"):
+            if not values[key][m]:
+                summary.append("-")
+                continue
+            mean, std = seed_spread(values[key][m])
+            summary.append(f"{mean:.4f}" + (f" ± {std:.4f}" if std is not None else " (one seed)"))
+        summary.append("")
+    rows.append(summary)
+    spec = base.spec if base else seeded[0].spec
+    return [f"## Seeds: {DATASET_LABEL.get(spec.dataset, spec.dataset)} {int(spec.rate * 100)}%", "",
+            f"`{BASE_RUN}` repeated with other seeds. The seed draws the train/test split as well as the "
+            "initialisation (the official code's split). Mean and sample standard deviation (n - 1) over "
+            "the finished runs only.", "", *_md_table(header, rows), ""]
+
+
 def iterative_section(runs: list[Run], show_valid: bool) -> list[str]:
     cells = {(r.spec.dataset, r.spec.rate): r for r in runs if r.spec.table == "il"}
     out = ["## Iterative training (`--il`, +500 epochs of mutual-nearest-neighbour pseudo pairs)", "",
@@ -712,6 +760,7 @@ def build_report(runs_dir: Path, out: Path, figures: Path | None = None, run_all
     show_valid = any(r.selection("best_valid_epoch") for r in finished)
     lines += table1_section(runs, show_valid)
     lines += table2_section(runs, by_name, show_valid)
+    lines += seeds_section(runs, by_name, show_valid)
     lines += iterative_section(runs, show_valid)
     lines += fig3_section(points, fig3_rel, skipped)
     lines += fig4_section(f4, fig4_rel, skipped)
