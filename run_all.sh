@@ -3,14 +3,14 @@
 #
 #   bash run_all.sh                                  # every run not finished yet, then runs/results.md
 #   bash run_all.sh --list                           # print the commands (and whether each is done)
-#   bash run_all.sh --only table1,il                 # a subset: table1 table2 seeds il fig3, or names
+#   bash run_all.sh --only table1,il                 # a subset: table1 table2 seeds valid il fig3, or names
 #   bash run_all.sh --dataset-override default --out_dir runs/smoke --epochs 2 --check_point 1 \
 #        --il_epochs 2 --il_step 1                   # smoke pass: every line on the embedded default
 #
 # Options (everything else is passed to every run, after the run's own flags, so it wins):
 #   --list                   print the commands and exit
 #   --only A,B               keep the lines whose table or run name is listed: table1 table2 seeds
-#                            il fig3, or run names (Table 2's "Ours", Figure 3's default point and
+#                            valid il fig3, or run names (Table 2's "Ours", Figure 3's default point and
 #                            the seeds table's seed 42 are the table1 line t1_db_20)
 #   --dataset-override D     run every line on dataset D ("default" = the embedded synthetic pair);
 #                            env DATASET_OVERRIDE does the same
@@ -49,6 +49,7 @@ t1_yg_50             | table1 | FB15K-YAGO15K 50% | 0.6491    | 42 FB15K_YAGO15K
 t1_yg_80             | table1 | FB15K-YAGO15K 80% | 0.7737    | 42 FB15K_YAGO15K 0.8 0 0
 t1_db_20_s43         | seeds  | FB15K-DB15K 20%   | 0.5118    | 43 FB15K_DB15K 0.2 512 0
 t1_db_20_s44         | seeds  | FB15K-DB15K 20%   | 0.5118    | 44 FB15K_DB15K 0.2 512 0
+t1_db_20_val         | valid  | FB15K-DB15K 20%   | 0.5118    | 42 FB15K_DB15K 0.2 512 0 --val_ratio 0.1
 t2_db_20_wo_g        | table2 | w/o g             | 0.4131    | 42 FB15K_DB15K 0.2 512 2
 t2_db_20_wo_v        | table2 | w/o v             | 0.4803    | 42 FB15K_DB15K 0.2 512 1
 t2_db_20_wo_r_b      | table2 | w/o r_b           | 0.4736    | 42 FB15K_DB15K 0.2 512 3

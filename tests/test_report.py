@@ -66,7 +66,7 @@ def test_missing_runs_show_as_missing_never_as_zeros(tmp_path):
     t1 = _section(text, "Table 1")
     ours = [l for l in t1.splitlines() if "ours," in l]
     assert ours and all(l.count("missing") == 10 for l in ours)  # 4 metrics + epoch, two datasets
-    assert "0.0000" not in text and "0 of 45 runs" in text
+    assert "0.0000" not in text and "0 of 46 runs" in text
     assert "0.5118" in t1  # the paper's number stays beside it
     assert "SMOKE" not in text
     assert "*Figure 4 not drawn: run `t1_db_20` is missing*" in text
@@ -89,7 +89,7 @@ def test_numbers_come_from_the_run_folders(tmp_path):
     assert "| Ours | paper | 0.5118 |" in t2 and "| 0.4321 |" in t2 and "| 0.3333 |" in t2
     assert "selection rule behind the paper's Table 1" in text
     assert "bash run.sh 42 FB15K_DB15K 0.2 512 0 --run_name t1_db_20" in text  # the recorded command
-    assert "SMOKE" not in text and "2 of 45 runs" in text
+    assert "SMOKE" not in text and "2 of 46 runs" in text
     runs_rows = _section(text, "Runs")
     assert "| `t1_db_20` | table1 | FB15K-DB15K 20% | 0.5118 | finished | FB15K_DB15K | 0.2 | 1000 | 12 | paper |" \
         in runs_rows
@@ -113,6 +113,14 @@ def test_seeds_section_gives_each_seed_and_the_mean_and_sample_std_of_the_finish
     assert "| 44 | `t1_db_20_s44` | missing | - |" in seeds  # its seed from run_all.sh's line
     # last H@1 0.50 and 0.52: mean 0.51, sample std sqrt(2 * 0.01^2 / 1) = 0.0141; s44 not counted.
     assert "| mean ± std |  | 2 finished | 0.5100 ± 0.0141 | 0.5600 ± 0.0141 |  | 0.5200 ± 0.0141 |" in seeds
+
+
+def test_validation_section_puts_the_three_selections_side_by_side(tmp_path):
+    make_run(tmp_path / "runs", "t1_db_20_val", 0.50, valid=True, val_ratio=0.1)
+    sec = _section(build_report(tmp_path / "runs", tmp_path / "r.md"), "Selection on a validation split")
+    # last 0.50 (epoch 1000), best valid 0.495 (980), best test 0.51 (990); MRR = H@1 + 0.05
+    assert ("| `t1_db_20_val` | FB15K-DB15K 20% | finished | 10 / 0 / 40 | 0.5000 | 0.5500 | 1000 | 0.4950 | 0.5450 "
+            "| 980 | 0.5100 | 0.5600 | 990 | -0.0150 / -0.0150 |") in sec
 
 
 def test_seed_spread_of_one_value_has_no_deviation():
