@@ -48,7 +48,8 @@ def test_every_official_choice_is_switched_back_by_one_variant():
 
 def _fake_run(folder: Path, h1: dict[int, float], finished: bool) -> None:
     folder.mkdir(parents=True)
-    lines = [json.dumps({"epoch": e, "test": {"avg": {"hits@1": v, "mrr": v + 0.1}}}) for e, v in h1.items()]
+    lines = [json.dumps({"epoch": e, "test": {"avg": {"hits@1": v, "mrr": v + 0.1}},
+                         "health": {"weight": {"graph": 0.5, "rel_bow": v}}}) for e, v in h1.items()]
     (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     (folder / "config.json").write_text(json.dumps({"epochs": max(h1)}))
     (folder / ("results.json" if finished else "checkpoint.pt")).write_text("{}")
@@ -62,6 +63,7 @@ def test_table_and_commands_from_the_run_folders(tmp_path):
     assert "| `official` | official preset | 0.200 / 0.300 | 0.300 / 0.400 | 0.450 / 0.550 | 0.500 / 0.600 | - |" \
         in rows[3]
     assert rows[4].startswith("| `o_ffn` |") and "| -0.050 at 50 |" in rows[4]  # last epoch both have
+    assert "| graph 0.50 rel_bow 0.40 (epoch 50) |" in rows[4]
     assert len(rows) == 5  # the variants without a folder are left out
     assert departures.command("official", 300, out)[2:] == ["--resume", str(out / "official"), "--extend_to", "300"]
     resume = departures.command("o_ffn", 300, out)

@@ -12,10 +12,11 @@ epochs, into runs/departures/<variant>. ``run`` skips a variant that has reached
 resumes an interrupted one from its checkpoint (to its own number of epochs) and extends a
 finished shorter one (train.py --resume --extend_to); there is no learning-rate schedule, so a
 run's first N epochs are the same whatever its total. ``table`` prints test Hits@1 / MRR at
-epochs 10, 20, 50, 100 and 300 from each folder's metrics.jsonl, and the change in Hits@1 from
-the variant's reference preset at the last epoch both have; ``--also NAME=FOLDER`` reads a
-variant from another run folder (e.g. paper=runs/t1_db_20, the paper preset's 1000-epoch run,
-which has this configuration).
+epochs 10, 20, 50, 100 and 300 from each folder's metrics.jsonl, the change in Hits@1 from the
+variant's reference preset at the last of those epochs both have, and the mean learned modality
+weights (health sample) at the variant's last one; ``--also NAME=FOLDER`` reads a variant from
+another run folder (e.g. paper=runs/t1_db_20, the paper preset's 1000-epoch run, which has this
+configuration).
 Run from the repository root.
 """
 from __future__ import annotations
@@ -97,14 +98,24 @@ def cell(record: dict | None) -> str:
     return f"{avg['hits@1']:.3f} / {avg['mrr']:.3f}"
 
 
+def weights(h: dict[int, dict]) -> str:
+    """The mean learned modality weights over the health sample at the last evaluation in EPOCHS."""
+    shown = [e for e in EPOCHS if e in h and "health" in h[e]]
+    if not shown:
+        return "-"
+    w = h[shown[-1]]["health"]["weight"]
+    return " ".join(f"{m} {v:.2f}" for m, v in w.items()) + f" (epoch {shown[-1]})"
+
+
 def table(folders: dict[str, Path]) -> list[str]:
     """Markdown rows: the official log, then every variant with a folder, and the change in Hits@1
     from its reference preset at the last epoch of EPOCHS that both have."""
     hist = {name: history(folder) for name, folder in folders.items()}
-    out = ["| variant | change | " + " | ".join(f"epoch {e}" for e in EPOCHS) + " | Hits@1 vs preset | flags |",
-           "|---|---|" + "---|" * len(EPOCHS) + "---|---|",
+    out = ["| variant | change | " + " | ".join(f"epoch {e}" for e in EPOCHS)
+           + " | Hits@1 vs preset | modality weights | flags |",
+           "|---|---|" + "---|" * len(EPOCHS) + "---|---|---|",
            "| - | official log, WITH images (Hits@1 only) | "
-           + " | ".join(f"{OFFICIAL_LOG[e]:.3f}" for e in EPOCHS) + " | | |"]
+           + " | ".join(f"{OFFICIAL_LOG[e]:.3f}" for e in EPOCHS) + " | | | |"]
     for name, (ref, what, flags) in VARIANTS.items():
         h = hist.get(name) or {}
         if not h:
@@ -118,7 +129,7 @@ def table(folders: dict[str, Path]) -> list[str]:
                 delta = f"{d:+.3f} at {e}"
         shown = " ".join(f for f in flags if f not in ("--preset", "official")) or "-"
         out.append(f"| `{name}` | {what} | " + " | ".join(cell(h.get(e)) for e in EPOCHS)
-                   + f" | {delta} | `{shown}` |")
+                   + f" | {delta} | {weights(h)} | `{shown}` |")
     return out
 
 
