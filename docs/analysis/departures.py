@@ -99,7 +99,9 @@ def cell(record: dict | None) -> str:
 
 
 def weights(h: dict[int, dict]) -> str:
-    """The mean learned modality weights over the health sample at the last evaluation in EPOCHS."""
+    """The mean learned modality weights over the health sample at the last evaluation in EPOCHS.
+    With --router global a modality's weight is the sum over the combinations that contain it, so
+    the weights do not sum to 1 (layers.GlobalModalityWeights)."""
     shown = [e for e in EPOCHS if e in h and "health" in h[e]]
     if not shown:
         return "-"
@@ -118,7 +120,7 @@ def table(folders: dict[str, Path]) -> list[str]:
            + " | ".join(f"{OFFICIAL_LOG[e]:.3f}" for e in EPOCHS) + " | | | |"]
     for name, (ref, what, flags) in VARIANTS.items():
         h = hist.get(name) or {}
-        if not h:
+        if not any(e in h for e in EPOCHS):  # not run, or not evaluated past epoch 0 yet
             continue
         delta = ""
         if ref is not None and hist.get(ref):
