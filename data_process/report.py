@@ -401,6 +401,21 @@ def table2_section(runs: list[Run], by_name: dict[str, Run], show_valid: bool) -
             *_md_table(header, rows), ""]
 
 
+# Column labels of a selection in the seeds and validation tables.
+SHORT_SELECTION = {"last_epoch": "last", "best_valid_epoch": "best valid", "best_test_epoch": "best TEST*"}
+
+
+def _selection_columns(keys) -> list[str]:
+    return [f"{SHORT_SELECTION[k]} {c}" for k in keys for c in ("H@1", "MRR", "epoch")]
+
+
+def _hits_mrr_epoch(sel: dict | None) -> list[str]:
+    """Hits@1, MRR and epoch cells of one selection (Run.selection); "-" for each when there is none."""
+    if sel is None:
+        return ["-", "-", "-"]
+    return [_num(sel["avg"]["hits@1"]), _num(sel["avg"]["mrr"]), str(sel["epoch"])]
+
+
 def seed_spread(values: list[float]) -> tuple[float, float | None]:
     """(mean, sample standard deviation with n - 1) of the finished seeds' values; no deviation of one."""
     v = np.asarray(values, dtype=np.float64)
@@ -415,21 +430,15 @@ def seeds_section(runs: list[Run], by_name: dict[str, Run], show_valid: bool) ->
     if len(seeded) < 2:
         return []
     selections = _selections(show_valid)
-    header = ["seed", "run", "state"]
-    short = {"last_epoch": "last", "best_valid_epoch": "best valid", "best_test_epoch": "best TEST*"}
-    for key, _ in selections:
-        header += [f"{short[key]} H@1", f"{short[key]} MRR", f"{short[key]} epoch"]
+    header = ["seed", "run", "state", *_selection_columns(k for k, _ in selections)]
     rows, values = [], {k: {"hits@1": [], "mrr": []} for k, _ in selections}
     for run in seeded:
         seed = (run.config or {}).get("seed", run.spec.positional[0])
         row = [str(seed), f"`{run.spec.name}`", run.status]
         for key, _ in selections:
-            sel = run.selection(key) if run.finished else None
-            if sel is None:
-                row += ["-", "-", "-"]
-                continue
-            row += [_num(sel["avg"]["hits@1"]), _num(sel["avg"]["mrr"]), str(sel["epoch"])]
-            for m in ("hits@1", "mrr"):
+            sel = run.selection(key)  # None for an unfinished run
+            row += _hits_mrr_epoch(sel)
+            for m in ("hits@1", "mrr") if sel else ():
                 values[key][m].append(sel["avg"][m])
         rows.append(row)
     summary = ["mean ± std", "", f"{sum(r.finished for r in seeded)} finished"]
@@ -455,20 +464,15 @@ def valid_section(runs: list[Run]) -> list[str]:
     held = [r for r in runs if r.spec.table == "valid"]
     if not held:
         return []
-    header = ["run", "setting", "state", "split (train / valid / test)"]
-    short = {"last_epoch": "last", "best_valid_epoch": "best valid", "best_test_epoch": "best TEST*"}
-    for key, _ in SELECTIONS:
-        header += [f"{short[key]} H@1", f"{short[key]} MRR", f"{short[key]} epoch"]
-    header += ["best valid - best TEST* (H@1 / MRR)"]
+    header = ["run", "setting", "state", "split (train / valid / test)",
+              *_selection_columns(k for k, _ in SELECTIONS), "best valid - best TEST* (H@1 / MRR)"]
     rows = []
     for run in held:
         pairs = (run.results or {}).get("pairs") or {}
         split = " / ".join(str(pairs.get(k, "-")) for k in ("train", "valid", "test")) if pairs else "-"
+        sel = {key: run.selection(key) for key, _ in SELECTIONS}  # None for an unfinished run
         row = [f"`{run.spec.name}`", run.spec.row, run.status, split]
-        sel = {key: run.selection(key) if run.finished else None for key, _ in SELECTIONS}
-        for key, _ in SELECTIONS:
-            s = sel[key]
-            row += ["-", "-", "-"] if s is None else [_num(s["avg"]["hits@1"]), _num(s["avg"]["mrr"]), str(s["epoch"])]
+        row += [c for key, _ in SELECTIONS for c in _hits_mrr_epoch(sel[key])]
         v, t = sel["best_valid_epoch"], sel["best_test_epoch"]
         row.append("-" if v is None or t is None else
                    f"{v['avg']['hits@1'] - t['avg']['hits@1']:+.4f} / {v['avg']['mrr'] - t['avg']['mrr']:+.4f}")

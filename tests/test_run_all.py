@@ -118,6 +118,7 @@ def _flag(argv: list[str], name: str) -> str | None:
 def test_every_line_parses_with_table_row_and_expected_annotation():
     assert len({s.name for s in SPECS}) == len(SPECS), "run names must be unique (they are folder names)"
     fields = {f.name: f for f in dataclasses.fields(Config)}
+    base = next(b for b in SPECS if b.name == "t1_db_20")
     for s in SPECS:
         assert s.table in TABLES, s
         assert s.row and s.expected, s
@@ -126,7 +127,6 @@ def test_every_line_parses_with_table_row_and_expected_annotation():
         else:
             assert 0 < s.expected_hits1 < 1, s
         seed, dataset, rate, fwd, without = s.positional
-        base = next(b for b in SPECS if b.name == "t1_db_20")
         if s.table == "valid":  # the base line with a validation split
             assert s.args[:5] == base.args and "--val_ratio" in s.flags, s
         if s.table == "seeds":  # the base line with only the seed changed
