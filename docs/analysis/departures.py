@@ -57,18 +57,21 @@ VARIANTS = {
 }
 
 
+def train_flags(name: str, epochs, out_dir: Path) -> list[str]:
+    """train.py's flags for a fresh run of variant ``name`` in out_dir/name."""
+    return [*BASE, *VARIANTS[name][2], "--epochs", str(epochs), "--out_dir", str(out_dir), "--run_name", name]
+
+
 def command(name: str, epochs: int, out_dir: Path) -> list[str]:
-    """The train.py command that brings variant ``name`` to ``epochs`` epochs in out_dir/name."""
+    """The train.py command that brings variant ``name`` to ``epochs`` epochs in out_dir/name: extend a
+    finished run, resume an interrupted one (to its own number of epochs), or start one."""
     run = out_dir / name
-    flags = VARIANTS[name][2]
-    done = last_epoch(run)
-    if (run / "results.json").is_file() and done < epochs:
+    if (run / "results.json").is_file():
         return [sys.executable, "train.py", "--resume", str(run), "--extend_to", str(epochs)]
-    if (run / "checkpoint.pt").is_file() and not (run / "results.json").is_file():
-        return [sys.executable, "train.py", *BASE, *flags, "--epochs", str(config_epochs(run) or epochs),
-                "--out_dir", str(out_dir), "--run_name", name, "--resume", str(run)]
-    return [sys.executable, "train.py", *BASE, *flags, "--epochs", str(epochs), "--out_dir", str(out_dir),
-            "--run_name", name]
+    if (run / "checkpoint.pt").is_file():
+        return [sys.executable, "train.py", *train_flags(name, config_epochs(run) or epochs, out_dir),
+                "--resume", str(run)]
+    return [sys.executable, "train.py", *train_flags(name, epochs, out_dir)]
 
 
 def history(run: Path) -> dict[int, dict]:
@@ -150,17 +153,16 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     out_dir = Path(args.out_dir)
     if args.what == "list":
-        for name, (_, what, flags) in VARIANTS.items():
-            print(f"{name:16} {what}\n{'':16} python train.py {' '.join(BASE + flags)} --epochs N "
-                  f"--out_dir {out_dir} --run_name {name}")
+        for name, (_, what, _) in VARIANTS.items():
+            print(f"{name:16} {what}\n{'':16} python train.py {' '.join(train_flags(name, 'N', out_dir))}")
         return 0
     if args.what == "run":
         unknown = [n for n in args.names if n not in VARIANTS]
         if unknown:
             p.error(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
         for name in args.names or list(VARIANTS):
-            if last_epoch(out_dir / name) >= args.epochs:
-                print(f"skip {name}: at epoch {last_epoch(out_dir / name)}")
+            if (done := last_epoch(out_dir / name)) >= args.epochs:
+                print(f"skip {name}: at epoch {done}")
                 continue
             while (before := last_epoch(out_dir / name)) < args.epochs:  # resume, then extend if short
                 cmd = command(name, args.epochs, out_dir)
