@@ -397,6 +397,10 @@ def train_epoch(model: HUMEA, club: CLUBDisentanglement | None, inputs: ModelInp
     terms = {k: float(torch.as_tensor(v).detach()) for k, v in terms.items()}
     opt.zero_grad(set_to_none=True)
     total.backward()
+    # The gradient's global L2 norm before clipping (an infinite max_norm leaves it unchanged): logged so
+    # that a late loss spike can be traced to the step that caused it; --grad_clip caps it.
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+    terms["grad_norm"] = float(norm)
     opt.step()
     if club is not None:
         # CLUB's variational networks Q_m are fitted by their own optimiser on detached outputs.
@@ -800,7 +804,7 @@ def checkpoint_record(s: Session, epoch: int, terms: dict, sample: np.ndarray, p
         f.write(json.dumps(record) + "\n")
     t = record["test"]["avg"]
     valid = {"valid_mrr": record["valid"]["avg"]["mrr"]} if "valid" in record else {}
-    loss = {"loss": terms["loss"]} if "loss" in terms else {}
+    loss = {k: terms[k] for k in ("loss", "grad_norm_max") if k in terms}
     s.log.info(kv(epoch=epoch, **loss, test_hits1=t["hits@1"], test_hits10=t["hits@10"], test_mrr=t["mrr"], **valid))
     h = record["health"]
     s.log.info("health " + " ".join(f"{m}:cos={h['cosine'][m]:.3f},w={h['weight'][m]:.3f}" for m in h["cosine"]))
@@ -846,6 +850,7 @@ def epoch_loop(s: Session) -> None:
         checkpoint_record(s, 0, {}, sample, pair_samples)
         s.tic = time.perf_counter()
     progress = Progress(s.start, cfg.total_epochs)
+    peak_grad = 0.0  # the largest gradient norm since the last evaluation
     for epoch in range(s.start + 1, cfg.total_epochs + 1):  # the number of this epoch, and of epochs done at its end
         current, shuffle = epoch_pairs(s, epoch)
         try:
@@ -856,8 +861,10 @@ def epoch_loop(s: Session) -> None:
             raise fault from None
         if cfg.il and epoch > il_start and (epoch - il_start) % cfg.il_step == 0:
             add_pseudo_labels(s, epoch, current)
+        peak_grad = max(peak_grad, terms["grad_norm"])
         if epoch % cfg.check_point == 0 or epoch == cfg.total_epochs:
-            checkpoint_record(s, epoch, terms, sample, pair_samples)
+            checkpoint_record(s, epoch, {**terms, "grad_norm_max": peak_grad}, sample, pair_samples)
+            peak_grad = 0.0
         last_h1 = state["history"][-1]["test"]["avg"]["hits@1"] if state["history"] else float("nan")
         progress.update(epoch, terms["loss"], last_h1)
         if cfg.save_every and epoch % cfg.save_every == 0 and epoch < cfg.total_epochs:

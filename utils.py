@@ -128,6 +128,9 @@ class Config:
     heads: str = _flag("2,2", "attention heads per GAT layer, comma separated (one entry per layer)")
     lr: float = _flag(5e-4, "AdamW learning rate")
     weight_decay: float = _flag(0.01, "AdamW weight decay (torch's default, which the official code used)")
+    grad_clip: float = _flag(0.0, "rescale the model's gradient to at most this global L2 norm before each "
+                                  "step (0 = no clipping, as the paper and the official code); the norm "
+                                  "before clipping is logged as grad_norm either way")
     dropout: float = _flag(0.0, "dropout on the GAT layer inputs, in [0, 1)")
     attn_dropout: float = _flag(0.0, "dropout on the GAT attention coefficients, in [0, 1)")
     n_exp: int = _flag(5, "experts per modality K (Eq. 6)")
@@ -253,7 +256,7 @@ class Config:
         for name in ("epochs", "check_point", "n_exp", "bsize", "club_bsize", "csls_k", "il_step", "eval_chunk"):
             if getattr(self, name) < 1:
                 raise DataError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("save_every", "il_epochs", "fusion_weight_dim", "router_balance"):
+        for name in ("save_every", "il_epochs", "fusion_weight_dim", "router_balance", "grad_clip"):
             if getattr(self, name) < 0:
                 raise DataError(f"--{name} must be >= 0, got {getattr(self, name)}")
         for name in ("lr", "q_lr", "tau_cl", "tau_al"):

@@ -208,3 +208,24 @@ def test_train_epoch_equals_the_per_batch_per_equation_loop(tiny_data, inputs, w
     assert set(rec.grads) == set(ref) and len(ref) > 10
     for name, grad in ref.items():
         torch.testing.assert_close(rec.grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_train_epoch_logs_the_gradient_norm_and_grad_clip_caps_it(tiny_data, inputs):
+    """grad_norm is the global L2 norm of the gradient the loss gives; without --grad_clip the step
+    gets that gradient unchanged, with --grad_clip c it gets the same direction rescaled to norm c."""
+    train = split_links(tiny_data.links, 0.5, seed=0).train
+    steps = {}
+    for clip in (0.0, 0.5):
+        cfg = _cfg(bsize=8, grad_clip=clip)
+        model = _model(cfg, inputs)
+        rec = _RecordingOptimiser(model)
+        terms = train_epoch(model, None, inputs, train, cfg, torch.Generator().manual_seed(3), rec, None, 1)
+        flat = torch.cat([g.flatten() for _, g in sorted(rec.grads.items())])
+        steps[clip] = terms["grad_norm"], flat
+    norm, unclipped = steps[0.0]
+    assert norm == pytest.approx(float(unclipped.norm()), rel=1e-5)
+    assert norm > 1.0  # so that a clip at 0.5 changes something
+    same_norm, clipped = steps[0.5]
+    assert same_norm == pytest.approx(norm, rel=1e-5)  # logged before clipping
+    assert float(clipped.norm()) == pytest.approx(0.5, rel=1e-4)
+    torch.testing.assert_close(clipped, unclipped * (0.5 / norm), rtol=1e-4, atol=1e-7)
