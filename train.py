@@ -274,8 +274,9 @@ def provenance(device: torch.device, data_root: Path) -> dict:
 
 
 def write_outputs(run: Path, model: HUMEA, inputs: ModelInputs, data: MMKG, test_pairs: np.ndarray, cfg: Config):
-    """The last epoch's test metrics in both directions; with --save_outputs also the final embeddings,
-    router weights, expert gates and the test predictions with names."""
+    """The model's test metrics in both directions; with --save_outputs also its embeddings, router
+    weights, expert gates and the test predictions with names. The model is the last epoch's, or with
+    --early_stop the best-validation epoch's."""
     ids = np.arange(data.num_entities)
     out = model.embed(ids, inputs)
     res = alignment_metrics(out.fused, test_pairs, cfg, with_predictions=cfg.save_outputs)
@@ -651,6 +652,13 @@ def best_of(history, key: str):
     return max(rows, key=lambda h: (h[key]["avg"]["mrr"], -h["epoch"])) if rows else None
 
 
+def stale_evaluations(history) -> int:
+    """Evaluations with a validation score after the best-validation one (0 while the last is the best):
+    --early_stop's count."""
+    best = best_of(history, "valid")
+    return sum(1 for h in history if h.get("valid") and h["epoch"] > best["epoch"]) if best else 0
+
+
 def summarise(history, cfg: Config, extra: dict) -> dict:
     last = history[-1]
     best_valid = best_of(history, "valid")
@@ -763,13 +771,15 @@ def set_up(cfg: Config, run: Path | None, ckpt: dict | None) -> Session:
                 params=sum(p.numel() for p in model.parameters()), edges=inputs.graph.num_edges, device=device))
     state = {"history": [], "pseudo_pairs": np.zeros((0, 2), dtype=np.int64), "pseudo_steps": [],
              "config": cfg.to_dict(), "seconds": 0.0, "curriculum": None,
-             "provenance": provenance(device, data_root)}
+             "provenance": provenance(device, data_root),
+             "best_model": None, "stopped": None}  # --early_stop: the best-validation weights, the stop epoch
     start = 0
     if ckpt is not None:
         restore(ckpt, model, club, opt, q_opt, gen)
         start = ckpt["epoch"]
         state.update(history=ckpt["history"], pseudo_pairs=ckpt["pseudo_pairs"], seconds=ckpt["seconds"],
-                     pseudo_steps=ckpt.get("pseudo_steps", []), curriculum=ckpt.get("curriculum"))
+                     pseudo_steps=ckpt.get("pseudo_steps", []), curriculum=ckpt.get("curriculum"),
+                     best_model=ckpt.get("best_model"), stopped=ckpt.get("stopped"))
         first = ckpt.get("provenance") or {}
         state["provenance"].update(started=first.get("started"), resumed=[
             *first.get("resumed", []), {"epoch": start, "at": state["provenance"]["started"]}])
@@ -800,6 +810,8 @@ def checkpoint_record(s: Session, epoch: int, terms: dict, sample: np.ndarray, p
     s.add_elapsed()
     record["seconds"] = round(s.state["seconds"], 2)
     s.state["history"].append(record)
+    if s.cfg.early_stop and "valid" in record and best_of(s.state["history"], "valid") is record:
+        s.state["best_model"] = {k: v.detach().clone() for k, v in s.model.state_dict().items()}
     with open(s.run / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     t = record["test"]["avg"]
@@ -845,6 +857,8 @@ def epoch_loop(s: Session) -> None:
     sample = health_sample(s.split.test, cfg.seed)
     pair_samples = {"test": health_pair_sample(s.split.test, cfg.seed),
                     "train": health_pair_sample(s.train_pairs, cfg.seed)}  # the seed pairs, not the pseudo-labels
+    if state["stopped"]:  # stopped early before the kill: only the final files are missing
+        return
     s.tic = time.perf_counter()
     if s.start == 0:  # epoch 0: the untrained model, and whether a modality is collapsed from the start
         checkpoint_record(s, 0, {}, sample, pair_samples)
@@ -865,6 +879,11 @@ def epoch_loop(s: Session) -> None:
         if epoch % cfg.check_point == 0 or epoch == cfg.total_epochs:
             checkpoint_record(s, epoch, {**terms, "grad_norm_max": peak_grad}, sample, pair_samples)
             peak_grad = 0.0
+            if cfg.early_stop and stale_evaluations(state["history"]) >= cfg.early_stop:
+                state["stopped"] = epoch
+                s.log.info(kv(early_stop=epoch, best_valid_epoch=best_of(state["history"], "valid")["epoch"],
+                              patience=cfg.early_stop))
+                break
         last_h1 = state["history"][-1]["test"]["avg"]["hits@1"] if state["history"] else float("nan")
         progress.update(epoch, terms["loss"], last_h1)
         if cfg.save_every and epoch % cfg.save_every == 0 and epoch < cfg.total_epochs:
@@ -879,7 +898,12 @@ def finish(s: Session) -> dict:
     """The final checkpoint, the outputs and, written last, results.json (its presence marks a
     finished run); prints the metrics table."""
     cfg, state = s.cfg, s.state
-    atomic_torch_save(s.run / "checkpoint.pt", s.snapshot(cfg.total_epochs))
+    done = state["stopped"] or cfg.total_epochs
+    atomic_torch_save(s.run / "checkpoint.pt", s.snapshot(done))
+    outputs_from = "last_epoch"
+    if state["best_model"] is not None:  # --early_stop: the outputs are the best-validation model's
+        s.model.load_state_dict(state["best_model"])
+        outputs_from = "best_valid_epoch"
     final = write_outputs(s.run, s.model, s.inputs, s.data, s.split.test, cfg)
     if cfg.il:
         write_pair_file(s.run / "train_ill_final.tsv", np.concatenate([s.train_pairs, state["pseudo_pairs"]]))
@@ -888,10 +912,13 @@ def finish(s: Session) -> dict:
                        "pseudo": len(state["pseudo_pairs"])},
              **({"pseudo_steps": state["pseudo_steps"]} if cfg.il else {}),
              "train_seconds": round(state["seconds"], 2),
-             "seconds_per_epoch": round(state["seconds"] / max(cfg.total_epochs, 1), 4),
+             "seconds_per_epoch": round(state["seconds"] / max(done, 1), 4),
              "data_notes": s.data.notes, **({"train_ill": s.leak} if s.leak else {})}
+    if cfg.early_stop:
+        extra["early_stop"] = {"patience": cfg.early_stop, "stopped_at_epoch": state["stopped"],
+                               "outputs_from": outputs_from}
     results = summarise(state["history"], cfg, extra)
-    results["last_epoch"]["test_directions"] = {k: final[k] for k in ("l2r", "r2l")}
+    results[outputs_from]["test_directions"] = {k: final[k] for k in ("l2r", "r2l")}
     results["provenance"] = {**state["provenance"], "finished": _now()}
     print(format_results(results))
     results = {**rounded({k: v for k, v in results.items() if k != "config"}), "config": results["config"]}
@@ -913,6 +940,9 @@ def main(cfg: Config, eval_only: bool = False, extend_to: int = 0) -> dict:
         ckpt = load_checkpoint(run)
         cfg = resumed_config(cfg, ckpt["config"])
         if extend_to:
+            if ckpt.get("stopped"):
+                raise DataError(f"--extend_to: {run} stopped early at epoch {ckpt['stopped']} (--early_stop); "
+                                "start a new run with a larger --early_stop instead (nothing was changed)")
             cfg = extended_config(cfg, run, ckpt["epoch"], extend_to)
         if (run / "results.json").is_file() and not eval_only:
             return finished_run(run, get_logger(None))

@@ -123,6 +123,10 @@ class Config:
     seed: int = _flag(42, "random seed for the split, initialisation and training")
     epochs: int = _flag(1000, "training epochs (one optimiser step per epoch, as the official code)")
     check_point: int = _flag(10, "evaluate every this many epochs")
+    early_stop: int = _flag(0, "with --val_ratio > 0: stop once the validation MRR has not improved for this "
+                               "many evaluations, and write the outputs (embeddings, weights, predictions) "
+                               "of the best-validation epoch's model (0 = off: all --epochs, the paper's "
+                               "protocol)")
     hidden_units: str = _flag("300,300,300", "GAT sizes 'in,hidden,out' (all equal: the weight is diagonal); "
                                              "the last is the hidden size D of every network")
     heads: str = _flag("2,2", "attention heads per GAT layer, comma separated (one entry per layer)")
@@ -256,9 +260,13 @@ class Config:
         for name in ("epochs", "check_point", "n_exp", "bsize", "club_bsize", "csls_k", "il_step", "eval_chunk"):
             if getattr(self, name) < 1:
                 raise DataError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("save_every", "il_epochs", "fusion_weight_dim", "router_balance", "grad_clip"):
+        for name in ("save_every", "il_epochs", "fusion_weight_dim", "router_balance", "grad_clip", "early_stop"):
             if getattr(self, name) < 0:
                 raise DataError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if self.early_stop and not self.val_ratio:
+            raise DataError(f"--early_stop {self.early_stop} needs a validation split to watch: give --val_ratio > 0")
+        if self.early_stop and self.il:
+            raise DataError("--early_stop and --il exclude each other: iterative training starts after --epochs")
         for name in ("lr", "q_lr", "tau_cl", "tau_al"):
             if not 0.0 < getattr(self, name) < math.inf:
                 raise DataError(f"--{name} must be a positive number, got {getattr(self, name)}")

@@ -264,3 +264,41 @@ def test_release_free_heap_gives_freed_tensor_memory_back():
     assert release_free_heap() is True
     assert _rss_mib() < freed - 200, (freed, _rss_mib())
     assert pin.sum() == 1 << 18
+
+
+def test_early_stop_stops_and_writes_the_best_validation_model(tiny_synthetic, tmp_path, monkeypatch, capsys):
+    """--early_stop 2: two evaluations without a better validation MRR stop the run, and what it writes
+    is the best-validation epoch's model (its test metrics in both directions are that epoch's); the
+    stopped run cannot be extended. The validation MRRs are scripted: 0.5 at epoch 10 is the best."""
+    scripted = iter([0.1, 0.2, 0.5, 0.4, 0.3, 0.9, 0.9])  # evaluations at epochs 0, 5, 10, 15, 20, ...
+    real = train.evaluate
+
+    def evaluate(model, inputs, pairs, cfg, with_predictions=False, health_ids=None):
+        res = real(model, inputs, pairs, cfg, with_predictions, health_ids)
+        if health_ids is None:  # the validation call of checkpoint_record
+            res["avg"]["mrr"] = next(scripted)
+        return res
+
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    out = tmp_path / "runs"
+    assert train.cli(_args(tiny_synthetic, out, "es", "--epochs", "40", "--val_ratio", "0.2",
+                           "--early_stop", "2")) == 0
+    run = out / "es"
+    assert [r["epoch"] for r in _metrics(run)] == [0, 5, 10, 15, 20]
+    res = json.loads((run / "results.json").read_text())
+    assert res["early_stop"] == {"patience": 2, "stopped_at_epoch": 20, "outputs_from": "best_valid_epoch"}
+    assert res["last_epoch"]["epoch"] == 20 and res["best_valid_epoch"]["epoch"] == 10
+    best, written = res["best_valid_epoch"]["test"], res["best_valid_epoch"]["test_directions"]
+    for direction in ("l2r", "r2l"):
+        for metric in ("hits@1", "mrr"):
+            assert written[direction][metric] == pytest.approx(best[direction][metric], abs=1e-5)
+    assert res["last_epoch"]["test"]["avg"]["mrr"] != pytest.approx(best["avg"]["mrr"], abs=1e-4)
+    assert _checkpoint_epoch(run / "checkpoint.pt") == 20
+    assert "early_stop=20 best_valid_epoch=10 patience=2" in (run / "log.txt").read_text()
+
+    before = tree_state(run)
+    assert train.cli(["--resume", str(run), "--extend_to", "60"]) == 2
+    assert "stopped early at epoch 20" in capsys.readouterr().err
+    assert tree_state(run) == before
+    assert train.cli(_args(tiny_synthetic, out, "no_valid", "--early_stop", "2")) == 2
+    assert "needs a validation split" in capsys.readouterr().err
