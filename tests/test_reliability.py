@@ -270,7 +270,8 @@ def test_early_stop_stops_and_writes_the_best_validation_model(tiny_synthetic, t
     """--early_stop 2: two evaluations without a better validation MRR stop the run, and what it writes
     is the best-validation epoch's model (its test metrics in both directions are that epoch's); the
     stopped run cannot be extended. The validation MRRs are scripted: 0.5 at epoch 10 is the best."""
-    scripted = iter([0.1, 0.2, 0.5, 0.4, 0.3, 0.9, 0.9])  # evaluations at epochs 0, 5, 10, 15, 20, ...
+    script = [0.1, 0.2, 0.5, 0.4, 0.3, 0.9, 0.9]  # validation MRR at epochs 0, 5, 10, 15, 20, ...
+    scripted = iter(script)
     real = train.evaluate
 
     def evaluate(model, inputs, pairs, cfg, with_predictions=False, health_ids=None):
@@ -302,3 +303,14 @@ def test_early_stop_stops_and_writes_the_best_validation_model(tiny_synthetic, t
     assert tree_state(run) == before
     assert train.cli(_args(tiny_synthetic, out, "no_valid", "--early_stop", "2")) == 2
     assert "needs a validation split" in capsys.readouterr().err
+
+    # Interrupted at epoch 10 (a 10-epoch run extended): the best-validation weights travel in the
+    # checkpoint, so the resumed run stops at epoch 20 too and writes the same model, bit for bit.
+    scripted = iter(script)
+    assert train.cli(_args(tiny_synthetic, out, "part", "--epochs", "10", "--val_ratio", "0.2",
+                           "--early_stop", "2")) == 0
+    assert train.cli(["--resume", str(out / "part"), "--extend_to", "40"]) == 0
+    assert _metrics(out / "part") == _metrics(run)
+    assert json.loads((out / "part" / "results.json").read_text())["early_stop"]["stopped_at_epoch"] == 20
+    np.testing.assert_array_equal(np.load(out / "part" / "entity_embeddings.npy"),
+                                  np.load(run / "entity_embeddings.npy"))
