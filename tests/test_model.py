@@ -11,7 +11,7 @@ from data_process.dataset import split_links
 from layers import InterModalRouter, IntraModalMoE, LinearProjection, UniformFusion
 from loss import CLUBDisentanglement, contrastive_alignment_loss, total_loss, unimodal_distillation_loss
 from model import HUMEA, ModelConfig, ModelInputs
-from train import loss_batches, train_epoch
+from train import clip_gradient, loss_batches, train_epoch
 from utils import MODALITIES, Config, evaluate_alignment
 
 D = 16
@@ -229,3 +229,15 @@ def test_train_epoch_logs_the_gradient_norm_and_grad_clip_caps_it(tiny_data, inp
     assert same_norm == pytest.approx(norm, rel=1e-5)  # logged before clipping
     assert float(clipped.norm()) == pytest.approx(0.5, rel=1e-4)
     torch.testing.assert_close(clipped, unclipped * (0.5 / norm), rtol=1e-4, atol=1e-7)
+
+
+def test_gradient_norm_does_not_overflow_and_never_touches_an_unclipped_gradient():
+    """Under --preset official the first step's gradient reaches ~4e23 (linear experts' centres of
+    entities without attributes): its float32 norm would overflow to inf, and an inf norm once turned
+    the gradient into NaN. The norm is summed in float64, and without --grad_clip nothing changes."""
+    layer = torch.nn.Linear(2, 1, bias=False)
+    layer.weight.grad = torch.tensor([[3e30, 4e30]])
+    assert clip_gradient(layer, 0.0) == pytest.approx(5e30, rel=1e-6)
+    torch.testing.assert_close(layer.weight.grad, torch.tensor([[3e30, 4e30]]), rtol=0, atol=0)
+    assert clip_gradient(layer, 1.0) == pytest.approx(5e30, rel=1e-6)
+    torch.testing.assert_close(layer.weight.grad, torch.tensor([[0.6, 0.8]]))
