@@ -202,13 +202,17 @@ def resumed_config(cfg: Config, saved: dict) -> Config:
     return dataclasses.replace(out, device=cfg.device, save_outputs=cfg.save_outputs)
 
 
-def extended_config(cfg: Config, run: Path, done: int, extend_to: int) -> Config:
+def extended_config(cfg: Config, run: Path, done: int, extend_to: int, stopped: int | None = None) -> Config:
     """--extend_to: the same run, trained to ``extend_to`` epochs. Nothing depends on --epochs but the
     number of epochs (and the start of iterative training, hence refused with --il), so the result
-    equals a run started with --epochs extend_to. A finished run's final files move to
+    equals a run started with --epochs extend_to. A run that ``stopped`` early (--early_stop) is
+    refused too: its stop is part of its result. A finished run's final files move to
     <run>/epoch<done>/ first: nothing it wrote is lost."""
     if extend_to <= done:
         raise DataError(f"--extend_to {extend_to}: {run} has already trained {done} epochs; give a larger number")
+    if stopped:
+        raise DataError(f"--extend_to: {run} stopped early at epoch {stopped} (--early_stop); "
+                        "start a new run with a larger --early_stop instead (nothing was changed)")
     if cfg.il:
         raise DataError(f"--extend_to: {run} uses iterative training, whose start depends on --epochs; "
                         "start a new run with the epochs wanted instead")
@@ -424,7 +428,8 @@ def clip_gradient(model: torch.nn.Module, max_norm: float) -> float:
     norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64)
                                                        for g in grads])))
     if max_norm > 0 and norm > max_norm:
-        torch._foreach_mul_(grads, max_norm / norm)
+        for g in grads:
+            g.mul_(max_norm / norm)
     return norm
 
 
@@ -865,12 +870,12 @@ def add_pseudo_labels(s: Session, epoch: int, current: np.ndarray) -> None:
 def epoch_loop(s: Session) -> None:
     """Train from epoch start + 1 to the last; evaluate, pseudo-label and checkpoint on the way."""
     cfg, state = s.cfg, s.state
+    if state["stopped"]:  # stopped early before the kill: only the final files are missing
+        return
     il_start = cfg.il_start if cfg.il_start >= 0 else cfg.epochs
     sample = health_sample(s.split.test, cfg.seed)
     pair_samples = {"test": health_pair_sample(s.split.test, cfg.seed),
                     "train": health_pair_sample(s.train_pairs, cfg.seed)}  # the seed pairs, not the pseudo-labels
-    if state["stopped"]:  # stopped early before the kill: only the final files are missing
-        return
     s.tic = time.perf_counter()
     if s.start == 0:  # epoch 0: the untrained model, and whether a modality is collapsed from the start
         checkpoint_record(s, 0, {}, sample, pair_samples)
@@ -952,10 +957,7 @@ def main(cfg: Config, eval_only: bool = False, extend_to: int = 0) -> dict:
         ckpt = load_checkpoint(run)
         cfg = resumed_config(cfg, ckpt["config"])
         if extend_to:
-            if ckpt.get("stopped"):
-                raise DataError(f"--extend_to: {run} stopped early at epoch {ckpt['stopped']} (--early_stop); "
-                                "start a new run with a larger --early_stop instead (nothing was changed)")
-            cfg = extended_config(cfg, run, ckpt["epoch"], extend_to)
+            cfg = extended_config(cfg, run, ckpt["epoch"], extend_to, ckpt.get("stopped"))
         if (run / "results.json").is_file() and not eval_only:
             return finished_run(run, get_logger(None))
     elif eval_only or extend_to:
