@@ -739,6 +739,17 @@ def fig4_section(data, figure: str | None, skipped: str | None) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
+def preset_lines(finished: list[Run]) -> list[str]:
+    """Which method the finished runs are (their config's --preset): the paper's or the official code's."""
+    presets = sorted({(r.config or {}).get("preset", "paper") for r in finished})
+    if not presets:
+        return []
+    what = {"paper": "the paper's method", "official": "the official code's variant, every departure of "
+            "docs/departures.md switched on"}
+    return ["Preset: " + "; ".join(f"`--preset {p}` ({what.get(p, p)})" for p in presets) +
+            (". **The runs mix presets.**" if len(presets) > 1 else "."), ""]
+
+
 def build_report(runs_dir: Path, out: Path, figures: Path | None = None, run_all: Path = RUN_ALL,
                  notes: list[str] = (), command: str | None = None) -> str:
     specs = load_run_list(run_all)
@@ -773,6 +784,7 @@ def build_report(runs_dir: Path, out: Path, figures: Path | None = None, run_all
              f"`{runs_dir}/`: every number of ours is read from a run's results.json (the paper's numbers are "
              "constants in data_process/report.py). A run without results.json shows as **missing**.",
              f"{len(finished)} of {len(runs)} runs of run_all.sh are finished.", ""]
+    lines += preset_lines(finished)
     if smoke:
         datasets = sorted({r.dataset_name for r in smoke})
         epochs = sorted({r.total_epochs for r in smoke})

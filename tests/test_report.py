@@ -221,3 +221,15 @@ def test_cli_writes_the_page_with_notes(tmp_path, capsys):
 def test_the_command_from_config_json_skips_its_provenance():
     config = {"rate": 0.5, "epochs": 1000, "provenance": {"git_commit": "abc", "device": "cpu"}}
     assert report._non_default_flags(config) == ["--rate 0.5"]
+
+
+def test_the_page_names_the_preset_of_its_runs_and_warns_when_they_mix(tmp_path):
+    runs = tmp_path / "runs"
+    make_run(runs, BASE_RUN, 0.5, preset="official")
+    text = build_report(runs, tmp_path / "r.md")
+    assert "Preset: `--preset official` (the official code's variant" in text and "mix presets" not in text
+    make_run(runs, "t2_db_20_wo_g", 0.4)  # no preset in its config: an older run, the paper's method
+    text = build_report(runs, tmp_path / "r.md")
+    assert "Preset: `--preset official` (the official code's variant, every departure of docs/departures.md " \
+           "switched on); `--preset paper` (the paper's method). **The runs mix presets.**" in text
+    assert "Preset:" not in build_report(tmp_path / "empty", tmp_path / "e.md")  # nothing finished, nothing said
