@@ -20,7 +20,7 @@ from loss import (
     total_loss,
 )
 from model import HUMEA, ModelConfig, ModelInputs
-from train import curriculum_pairs, health_warnings, modality_health, parse_args
+from train import LOSS_SPIKE, curriculum_pairs, health_warnings, loss_spike_warning, modality_health, parse_args
 from utils import PRESETS, Config, DataError
 
 D = 8
@@ -297,6 +297,19 @@ def test_health_flags_a_collapsed_modality_and_a_negligible_weight():
     warnings = health_warnings(h)
     assert len(warnings) == 2
     assert "graph has collapsed" in warnings[0] and "text has a negligible weight" in warnings[1]
+
+
+def test_a_training_loss_that_jumps_between_evaluations_is_flagged_and_a_normal_wobble_is_not():
+    """Seed 43's late spike (46.7 at epoch 970, 67.0 at 980) is flagged; the largest rise of the runs
+    without one (x1.03), a falling loss, epoch 0 (no loss) and the first evaluation are not."""
+    spike = loss_spike_warning({"epoch": 970, "loss": 46.7}, {"epoch": 980, "loss": 67.0})
+    assert spike is not None and "from 46.7 at epoch 970 to 67" in spike and "x1.43" in spike
+    assert loss_spike_warning({"epoch": 650, "loss": 50.0}, {"epoch": 660, "loss": 50.0 * 1.03}) is None
+    assert loss_spike_warning({"epoch": 10, "loss": 150.0}, {"epoch": 20, "loss": 120.0}) is None
+    assert loss_spike_warning({"epoch": 0}, {"epoch": 10, "loss": 150.0}) is None
+    assert loss_spike_warning(None, {"epoch": 10, "loss": 150.0}) is None
+    just_over = loss_spike_warning({"epoch": 10, "loss": 100.0}, {"epoch": 20, "loss": 100.0 * LOSS_SPIKE + 0.01})
+    assert just_over is not None
 
 
 def test_modality_hits_ranks_each_sample_within_itself():
