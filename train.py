@@ -523,19 +523,21 @@ def numerical_fault(e: FloatingPointError, run: Path, saved_epoch: int | None, c
 
 
 def alignment_metrics(emb: torch.Tensor, pairs: np.ndarray, cfg: Config, ids: np.ndarray | None = None,
-                      with_predictions: bool = False) -> dict:
+                      with_predictions: bool = False, extra_candidates=None) -> dict:
     """utils.evaluate_alignment with the run's CSLS and chunk settings."""
     return evaluate_alignment(emb, pairs, ids=ids, csls_k=cfg.csls_k, use_csls=cfg.csls, chunk=cfg.eval_chunk,
-                              with_predictions=with_predictions)
+                              with_predictions=with_predictions, extra_candidates=extra_candidates)
 
 
 def evaluate(model: HUMEA, inputs: ModelInputs, pairs: np.ndarray, cfg: Config, with_predictions=False,
-             health_ids: np.ndarray | None = None):
-    """Metrics of ``pairs``; with ``health_ids`` (entities among the pairs') also their modality_health."""
+             health_ids: np.ndarray | None = None, distractors: np.ndarray | None = None):
+    """Metrics of ``pairs``; with ``health_ids`` (entities among the pairs') also their modality_health;
+    ``distractors`` (pairs whose left and right entities join the candidates, never as queries)."""
     release_free_heap()  # the freed memory of the training epochs, before the evaluation's own peak
-    ids = np.unique(pairs)
+    ids = np.unique(pairs if distractors is None else np.concatenate([pairs, distractors]))
     emb = model.embed(ids, inputs)
-    res = alignment_metrics(emb.fused, pairs, cfg, ids=ids, with_predictions=with_predictions)
+    extra = None if distractors is None else (distractors[:, 0], distractors[:, 1])
+    res = alignment_metrics(emb.fused, pairs, cfg, ids=ids, with_predictions=with_predictions, extra_candidates=extra)
     if health_ids is None:
         return res
     return res, modality_health(model.modalities, emb, np.searchsorted(ids, health_ids))
@@ -682,26 +684,31 @@ class Progress:
 # ---------------------------------------------------------------------------------------------
 
 
+# The record key of each validation ranking (--valid_pool): its own candidates, or with the test entities.
+VALID_KEYS = {"valid": "valid", "heldout": "valid_heldout"}
+
+
 def best_of(history, key: str):
     rows = [h for h in history if h.get(key)]
     return max(rows, key=lambda h: (h[key]["avg"]["mrr"], -h["epoch"])) if rows else None
 
 
-def stale_evaluations(history) -> int:
+def stale_evaluations(history, key: str = "valid") -> int:
     """Evaluations with a validation score after the best-validation one (0 while the last is the best):
     --early_stop's count."""
-    best = best_of(history, "valid")
-    return sum(1 for h in history if h.get("valid") and h["epoch"] > best["epoch"]) if best else 0
+    best = best_of(history, key)
+    return sum(1 for h in history if h.get(key) and h["epoch"] > best["epoch"]) if best else 0
 
 
 def summarise(history, cfg: Config, extra: dict) -> dict:
     last = history[-1]
-    best_valid = best_of(history, "valid")
+    best_valid = best_of(history, VALID_KEYS[cfg.valid_pool])
     best_test = best_of(history, "test")
     pick = lambda h, keys: {k: h[k] for k in keys if k in h} if h else None
+    keys = ("epoch", "test", *VALID_KEYS.values())
     return {
-        "last_epoch": pick(last, ("epoch", "test", "valid")),
-        "best_valid_epoch": pick(best_valid, ("epoch", "test", "valid")),
+        "last_epoch": pick(last, keys),
+        "best_valid_epoch": {**pick(best_valid, keys), "selected_by": VALID_KEYS[cfg.valid_pool]} if best_valid else None,
         "best_test_epoch": {**pick(best_test, ("epoch", "test")),
                             "note": "selected on the TEST set (highest test MRR): the rule behind the paper's "
                                     "Table 1 and the official logs; optimistic, shown for comparison only"},
@@ -842,16 +849,18 @@ def checkpoint_record(s: Session, epoch: int, terms: dict, sample: np.ndarray, p
     record["health"]["hits1"] = modality_hits(s.model, s.inputs, pair_samples, s.cfg)
     if len(s.split.valid):
         record["valid"] = evaluate(s.model, s.inputs, s.split.valid, s.cfg)
+        record["valid_heldout"] = evaluate(s.model, s.inputs, s.split.valid, s.cfg, distractors=s.split.test)
     s.add_elapsed()
     record["seconds"] = round(s.state["seconds"], 2)
     spike = loss_spike_warning(s.state["history"][-1] if s.state["history"] else None, record)
     s.state["history"].append(record)
-    if s.cfg.early_stop and "valid" in record and best_of(s.state["history"], "valid") is record:
+    key = VALID_KEYS[s.cfg.valid_pool]
+    if s.cfg.early_stop and key in record and best_of(s.state["history"], key) is record:
         s.state["best_model"] = {k: v.detach().clone() for k, v in s.model.state_dict().items()}
     with open(s.run / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     t = record["test"]["avg"]
-    valid = {"valid_mrr": record["valid"]["avg"]["mrr"]} if "valid" in record else {}
+    valid = {f"{k}_mrr": record[k]["avg"]["mrr"] for k in VALID_KEYS.values() if k in record}
     loss = {k: terms[k] for k in ("loss", "grad_norm_max") if k in terms}
     s.log.info(kv(epoch=epoch, **loss, test_hits1=t["hits@1"], test_hits10=t["hits@10"], test_mrr=t["mrr"], **valid))
     h = record["health"]
@@ -915,10 +924,11 @@ def epoch_loop(s: Session) -> None:
         if epoch % cfg.check_point == 0 or epoch == cfg.total_epochs:
             checkpoint_record(s, epoch, {**terms, "grad_norm_max": peak_grad}, sample, pair_samples)
             peak_grad = 0.0
-            if cfg.early_stop and stale_evaluations(state["history"]) >= cfg.early_stop:
+            key = VALID_KEYS[cfg.valid_pool]
+            if cfg.early_stop and stale_evaluations(state["history"], key) >= cfg.early_stop:
                 state["stopped"] = epoch
-                s.log.info(kv(early_stop=epoch, best_valid_epoch=best_of(state["history"], "valid")["epoch"],
-                              patience=cfg.early_stop))
+                s.log.info(kv(early_stop=epoch, best_valid_epoch=best_of(state["history"], key)["epoch"],
+                              patience=cfg.early_stop, selected_by=key))
                 break
         last_h1 = state["history"][-1]["test"]["avg"]["hits@1"] if state["history"] else float("nan")
         progress.update(epoch, terms["loss"], last_h1)

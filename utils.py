@@ -120,6 +120,11 @@ class Config:
                                   "(0 = the paper's protocol: no validation split)")
     train_ill_path: str = _flag("", "file of 'id1<TAB>id2' training pairs replacing the seed split's training "
                                     "pairs (e.g. pseudo-labels); the test pairs stay those of the split")
+    valid_pool: str = _flag("valid", "candidates of the validation ranking that picks the best-validation epoch "
+                                     "and drives --early_stop: 'valid' = the validation pairs' own entities (as "
+                                     "the test protocol ranks the test pairs), 'heldout' = those plus every test "
+                                     "entity as a distractor (no test link is read); both are recorded",
+                            choices=("valid", "heldout"))
     seed: int = _flag(42, "random seed for the split, initialisation and training")
     epochs: int = _flag(1000, "training epochs (one optimiser step per epoch, as the official code)")
     check_point: int = _flag(10, "evaluate every this many epochs")
@@ -486,12 +491,16 @@ def rank_metrics(ranks: torch.Tensor) -> dict[str, float]:
 
 @torch.no_grad()
 def evaluate_alignment(emb: torch.Tensor, pairs: np.ndarray, ids: np.ndarray | None = None, csls_k: int = 3,
-                       use_csls: bool = True, chunk: int = 4096, with_predictions: bool = False):
+                       use_csls: bool = True, chunk: int = 4096, with_predictions: bool = False,
+                       extra_candidates: tuple[np.ndarray, np.ndarray] | None = None):
     """Alignment metrics of ``pairs`` from entity embeddings ``emb``: (N, D) indexed by entity id,
     or (R, D) whose rows are the sorted entity ids ``ids``.
 
     Candidates are the test entities only: each left entity of ``pairs`` is ranked against all
     distinct right entities of ``pairs`` (left-to-right), and vice versa (right-to-left).
+    ``extra_candidates`` = (left ids, right ids) adds entities to the two candidate sets without
+    ranking them as queries (e.g. the test entities as distractors for the validation pairs); they
+    also enter the CSLS terms.
     Similarity is the cosine of L2-normalised embeddings, adjusted by CSLS with k = csls_k.
     Returns {"l2r": {...}, "r2l": {...}, "avg": {...}} with hits@1/5/10, mrr, mr; the
     headline numbers are "avg", the mean of the two directions. Each gold pair is ranked on
@@ -505,8 +514,10 @@ def evaluate_alignment(emb: torch.Tensor, pairs: np.ndarray, ids: np.ndarray | N
     random tie breaking (tests/reference.py holds a one-direction reference of the rule).
     """
     pairs = np.asarray(pairs)
-    left_ids, left_pos = np.unique(pairs[:, 0], return_inverse=True)
-    right_ids, right_pos = np.unique(pairs[:, 1], return_inverse=True)
+    extra_left, extra_right = extra_candidates if extra_candidates is not None else ((), ())
+    left_ids = np.unique(np.concatenate([pairs[:, 0], np.asarray(extra_left, dtype=pairs.dtype)]))
+    right_ids = np.unique(np.concatenate([pairs[:, 1], np.asarray(extra_right, dtype=pairs.dtype)]))
+    left_pos, right_pos = np.searchsorted(left_ids, pairs[:, 0]), np.searchsorted(right_ids, pairs[:, 1])
     dev = emb.device
     rows = (lambda e: e) if ids is None else (lambda e: np.searchsorted(ids, e))
     left = torch.nn.functional.normalize(emb[torch.as_tensor(rows(left_ids), device=dev)].float(), dim=-1)

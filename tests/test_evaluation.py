@@ -10,11 +10,13 @@ from reference import directional_ranks, mean_topk_similarity
 from utils import evaluate_alignment, mutual_nearest_pairs
 
 
-def _reference(emb: np.ndarray, pairs: np.ndarray, k: int, csls: bool) -> dict:
-    """Full similarity matrix, CSLS r terms by sorting, ranks by counting (ties: half)."""
+def _reference(emb: np.ndarray, pairs: np.ndarray, k: int, csls: bool, extra=((), ())) -> dict:
+    """Full similarity matrix, CSLS r terms by sorting, ranks by counting (ties: half); ``extra`` =
+    (left ids, right ids) are candidates only."""
     emb = np.asarray(emb, dtype=np.float64)
     emb = emb / np.linalg.norm(emb, axis=1, keepdims=True)
-    left_ids, right_ids = sorted(set(pairs[:, 0].tolist())), sorted(set(pairs[:, 1].tolist()))
+    left_ids = sorted(set(pairs[:, 0].tolist()) | set(np.asarray(extra[0]).tolist()))
+    right_ids = sorted(set(pairs[:, 1].tolist()) | set(np.asarray(extra[1]).tolist()))
     sim = emb[left_ids] @ emb[right_ids].T  # (L, R)
     if csls:
         kk = min(k, len(right_ids))
@@ -66,6 +68,25 @@ def test_evaluate_alignment_equals_brute_force(csls, seed):
     ref = _reference(emb, pairs, 3, csls)
     _assert_same(got, ref)
     assert 0 < got["avg"]["hits@1"] < 1  # the case is not degenerate
+
+
+@pytest.mark.parametrize("csls", [True, False])
+def test_extra_candidates_join_the_ranking_but_are_not_queries(csls):
+    """Validation pairs ranked among their own entities plus distractors (the test entities under
+    --valid_pool heldout): the brute-force ranks over the larger candidate sets, over the same queries;
+    an added candidate can only push a gold down when the score is the plain cosine."""
+    emb, pairs = _random_case(3, n=60, n_pairs=20)
+    queries, distractors = pairs[:8], pairs[8:]
+    extra = (distractors[:, 0], distractors[:, 1])
+    got = evaluate_alignment(torch.from_numpy(emb), queries, csls_k=3, use_csls=csls, extra_candidates=extra)
+    _assert_same(got, _reference(emb, queries, 3, csls, extra))
+    alone = evaluate_alignment(torch.from_numpy(emb), queries, csls_k=3, use_csls=csls)
+    if not csls:
+        assert got["avg"]["mr"] > alone["avg"]["mr"] and got["avg"]["mrr"] <= alone["avg"]["mrr"]
+    ids = np.unique(pairs)  # rows of a sub-table, as train.evaluate passes them
+    sub = evaluate_alignment(torch.from_numpy(emb[ids]), queries, ids=ids, csls_k=3, use_csls=csls,
+                             extra_candidates=extra)
+    _assert_same(sub, got)
 
 
 def test_csls_demotes_a_hub():

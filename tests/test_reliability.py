@@ -274,9 +274,9 @@ def test_early_stop_stops_and_writes_the_best_validation_model(tiny_synthetic, t
     scripted = iter(script)
     real = train.evaluate
 
-    def evaluate(model, inputs, pairs, cfg, with_predictions=False, health_ids=None):
-        res = real(model, inputs, pairs, cfg, with_predictions, health_ids)
-        if health_ids is None:  # the validation call of checkpoint_record
+    def evaluate(model, inputs, pairs, cfg, with_predictions=False, health_ids=None, distractors=None):
+        res = real(model, inputs, pairs, cfg, with_predictions, health_ids, distractors)
+        if health_ids is None and distractors is None:  # the validation call of checkpoint_record
             res["avg"]["mrr"] = next(scripted)
         return res
 
@@ -314,3 +314,29 @@ def test_early_stop_stops_and_writes_the_best_validation_model(tiny_synthetic, t
     assert json.loads((out / "part" / "results.json").read_text())["early_stop"]["stopped_at_epoch"] == 20
     np.testing.assert_array_equal(np.load(out / "part" / "entity_embeddings.npy"),
                                   np.load(run / "entity_embeddings.npy"))
+
+
+def test_valid_pool_heldout_selects_on_the_ranking_with_the_test_entities(tiny_synthetic, tmp_path, monkeypatch):
+    """Both validation rankings are recorded at every evaluation; --valid_pool heldout makes the one with
+    the test entities as distractors pick the best-validation epoch and drive --early_stop. Its MRRs
+    are scripted (0.5 at epoch 10 the best); the plain validation MRR is left as measured."""
+    scripted = iter([0.1, 0.2, 0.5, 0.4, 0.3, 0.9])
+    real = train.evaluate
+
+    def evaluate(model, inputs, pairs, cfg, with_predictions=False, health_ids=None, distractors=None):
+        res = real(model, inputs, pairs, cfg, with_predictions, health_ids, distractors)
+        if distractors is not None:
+            assert len(distractors) > len(pairs)  # the test pairs, beside the validation pairs
+            res["avg"]["mrr"] = next(scripted)
+        return res
+
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    out = tmp_path / "runs"
+    assert train.cli(_args(tiny_synthetic, out, "heldout", "--epochs", "40", "--val_ratio", "0.2",
+                           "--early_stop", "2", "--valid_pool", "heldout")) == 0
+    history = _metrics(out / "heldout")
+    assert [r["epoch"] for r in history] == [0, 5, 10, 15, 20]
+    assert all("valid" in r and "valid_heldout" in r for r in history)
+    res = json.loads((out / "heldout" / "results.json").read_text())
+    assert res["best_valid_epoch"]["epoch"] == 10 and res["best_valid_epoch"]["selected_by"] == "valid_heldout"
+    assert "valid_heldout_mrr=0.5" in (out / "heldout" / "log.txt").read_text()
