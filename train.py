@@ -523,7 +523,8 @@ def numerical_fault(e: FloatingPointError, run: Path, saved_epoch: int | None, c
 
 
 def alignment_metrics(emb: torch.Tensor, pairs: np.ndarray, cfg: Config, ids: np.ndarray | None = None,
-                      with_predictions: bool = False, extra_candidates=None) -> dict:
+                      with_predictions: bool = False,
+                      extra_candidates: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """utils.evaluate_alignment with the run's CSLS and chunk settings."""
     return evaluate_alignment(emb, pairs, ids=ids, csls_k=cfg.csls_k, use_csls=cfg.csls, chunk=cfg.eval_chunk,
                               with_predictions=with_predictions, extra_candidates=extra_candidates)
@@ -693,7 +694,7 @@ def best_of(history, key: str):
     return max(rows, key=lambda h: (h[key]["avg"]["mrr"], -h["epoch"])) if rows else None
 
 
-def stale_evaluations(history, key: str = "valid") -> int:
+def stale_evaluations(history, key: str) -> int:
     """Evaluations with a validation score after the best-validation one (0 while the last is the best):
     --early_stop's count."""
     best = best_of(history, key)
@@ -702,13 +703,14 @@ def stale_evaluations(history, key: str = "valid") -> int:
 
 def summarise(history, cfg: Config, extra: dict) -> dict:
     last = history[-1]
-    best_valid = best_of(history, VALID_KEYS[cfg.valid_pool])
+    valid_key = VALID_KEYS[cfg.valid_pool]
+    best_valid = best_of(history, valid_key)
     best_test = best_of(history, "test")
     pick = lambda h, keys: {k: h[k] for k in keys if k in h} if h else None
     keys = ("epoch", "test", *VALID_KEYS.values())
     return {
         "last_epoch": pick(last, keys),
-        "best_valid_epoch": {**pick(best_valid, keys), "selected_by": VALID_KEYS[cfg.valid_pool]} if best_valid else None,
+        "best_valid_epoch": {**pick(best_valid, keys), "selected_by": valid_key} if best_valid else None,
         "best_test_epoch": {**pick(best_test, ("epoch", "test")),
                             "note": "selected on the TEST set (highest test MRR): the rule behind the paper's "
                                     "Table 1 and the official logs; optimistic, shown for comparison only"},

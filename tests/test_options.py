@@ -303,7 +303,9 @@ def test_a_training_loss_that_jumps_between_evaluations_is_flagged_and_a_normal_
     """Seed 43's late spike (46.7 at epoch 970, 67.0 at 980) is flagged; the largest rise of the runs
     without one (x1.03), a falling loss, epoch 0 (no loss) and the first evaluation are not."""
     spike = loss_spike_warning({"epoch": 970, "loss": 46.7}, {"epoch": 980, "loss": 67.0})
-    assert spike is not None and "from 46.7 at epoch 970 to 67" in spike and "x1.43" in spike
+    assert spike is not None
+    assert "from 46.7 at epoch 970 to 67" in spike
+    assert "x1.43" in spike
     assert loss_spike_warning({"epoch": 650, "loss": 50.0}, {"epoch": 660, "loss": 50.0 * 1.03}) is None
     assert loss_spike_warning({"epoch": 10, "loss": 150.0}, {"epoch": 20, "loss": 120.0}) is None
     assert loss_spike_warning({"epoch": 0}, {"epoch": 10, "loss": 150.0}) is None

@@ -338,5 +338,6 @@ def test_valid_pool_heldout_selects_on_the_ranking_with_the_test_entities(tiny_s
     assert [r["epoch"] for r in history] == [0, 5, 10, 15, 20]
     assert all("valid" in r and "valid_heldout" in r for r in history)
     res = json.loads((out / "heldout" / "results.json").read_text())
-    assert res["best_valid_epoch"]["epoch"] == 10 and res["best_valid_epoch"]["selected_by"] == "valid_heldout"
+    assert res["best_valid_epoch"]["epoch"] == 10
+    assert res["best_valid_epoch"]["selected_by"] == "valid_heldout"
     assert "valid_heldout_mrr=0.5" in (out / "heldout" / "log.txt").read_text()

@@ -227,7 +227,8 @@ def test_the_page_names_the_preset_of_its_runs_and_warns_when_they_mix(tmp_path)
     runs = tmp_path / "runs"
     make_run(runs, BASE_RUN, 0.5, preset="official")
     text = build_report(runs, tmp_path / "r.md")
-    assert "Preset: `--preset official` (the official code's variant" in text and "mix presets" not in text
+    assert "Preset: `--preset official` (the official code's variant" in text
+    assert "mix presets" not in text
     make_run(runs, "t2_db_20_wo_g", 0.4)  # no preset in its config: an older run, the paper's method
     text = build_report(runs, tmp_path / "r.md")
     assert "Preset: `--preset official` (the official code's variant, every departure of docs/departures.md " \
