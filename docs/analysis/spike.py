@@ -1,0 +1,173 @@
+"""Trace a run epoch by epoch from one of its checkpoints, optionally with other optimiser settings:
+each epoch's loss terms, the gradient and the AdamW update of every part of the model, and the test
+metrics after it. Made to find what turns a long run's loss up (seed 43, docs/accuracy.md).
+
+    python docs/analysis/spike.py trace CKPT --to 990 --out runs/spike/base.jsonl
+    python docs/analysis/spike.py trace CKPT --to 990 --lr 2.5e-4 --out runs/spike/lr_half.jsonl
+    python docs/analysis/spike.py trace CKPT --to 990 --grad_clip 40 --out runs/spike/clip40.jsonl
+    python docs/analysis/spike.py trace CKPT --to 990 --eps 1e-6 --out runs/spike/eps.jsonl
+    python docs/analysis/spike.py table runs/spike/base.jsonl runs/spike/lr_half.jsonl
+
+CKPT is a run's checkpoint.pt (or a copy of one: the run overwrites its own every --save_every
+epochs). The trace reads the run's configuration from the checkpoint and its data from the
+configuration's --file_dir (relative to the repository root: run from there); it writes only
+``--out``, one JSON line per epoch. With no change the trace continues the run exactly: the
+checkpoint carries every random state and an evaluation draws none, so its losses at the run's
+evaluated epochs equal those in the run's metrics.jsonl (tests/test_analysis.py checks this on the
+embedded default). ``--lr`` and ``--eps`` change the AdamW parameter groups from the first traced
+step on; ``--grad_clip`` rescales the gradient to at most that norm (train.clip_gradient).
+
+Per epoch and per part of the model (the graph encoder, each modality's experts, the fusion, the
+loss weights): the gradient's norm, the update's norm, and the largest update of one parameter
+(``max_step``; the table gives it in units of the learning rate). One gradient far above its history moves a parameter by at most about
+lr (1 - beta1) / sqrt(1 - beta2) ~ 3.2 lr in AdamW (plus the weight decay), so a largest update
+near 3 lr marks a parameter whose gradient jumped.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import train  # noqa: E402  (the repository root is on the path only now)
+from utils import Config, DataError  # noqa: E402
+
+TERMS = ("loss", "fused_cl", "uni_cl", "distill", "club", "balance", "club_q_nll", "grad_norm")
+
+
+def part(name: str) -> str:
+    """The part of the model a parameter belongs to: experts.<modality>, or its first component."""
+    head = name.split(".")
+    return ".".join(head[:2]) if head[0] == "experts" else head[0]
+
+
+class StepProbe:
+    """Wraps an optimiser's step: records, per part, the gradient norm before it and the update after it."""
+
+    def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer):
+        self.params = [(part(n), p) for n, p in model.named_parameters()]
+        self.opt, self.inner = opt, opt.step
+        opt.step = self.step
+        self.last: dict = {}
+
+    def step(self, *args, **kwargs):
+        before = [p.detach().clone() for _, p in self.params]
+        grad, upd, big = {}, {}, {}
+        for (k, p), _ in zip(self.params, before):
+            if p.grad is not None:
+                grad[k] = grad.get(k, 0.0) + float(p.grad.double().pow(2).sum())
+        out = self.inner(*args, **kwargs)
+        for (k, p), b in zip(self.params, before):
+            d = (p.detach() - b).double()
+            upd[k] = upd.get(k, 0.0) + float(d.pow(2).sum())
+            big[k] = max(big.get(k, 0.0), float(d.abs().max()) if d.numel() else 0.0)
+        self.last = {"lr": self.opt.param_groups[0]["lr"], "grad": {k: v ** 0.5 for k, v in grad.items()},
+                     "update": {k: v ** 0.5 for k, v in upd.items()}, "max_step": big}
+        return out
+
+
+def load(ckpt_path: Path) -> dict:
+    if not ckpt_path.is_file():
+        raise DataError(f"{ckpt_path}: no such checkpoint file (a run's checkpoint.pt, or a copy of one)")
+    try:
+        return torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is a bad input here
+        raise DataError(f"{ckpt_path}: cannot read the checkpoint ({type(e).__name__}: {e})") from e
+
+
+def trace(ckpt_path: Path, to: int, out: Path, lr: float | None = None, eps: float | None = None,
+          grad_clip: float | None = None, eval_every: int = 1) -> list[dict]:
+    """Train from the checkpoint's epoch to ``to``, one JSON line per epoch into ``out``."""
+    if out.exists():
+        raise DataError(f"{out} already exists; give another --out (nothing was changed)")
+    ckpt = load(ckpt_path)
+    cfg = Config(**{k: v for k, v in ckpt["config"].items() if k != "provenance"})
+    if cfg.il:
+        raise DataError(f"{ckpt_path}: an iterative-training run; the trace does not add pseudo-labels")
+    if to <= ckpt["epoch"]:
+        raise DataError(f"--to {to}: the checkpoint is at epoch {ckpt['epoch']}; give a later epoch")
+    if grad_clip is not None:
+        cfg = dataclasses.replace(cfg, grad_clip=grad_clip)
+    s = train.set_up(cfg, ckpt_path.parent, ckpt)
+    for group in s.opt.param_groups:
+        group.update({k: v for k, v in (("lr", lr), ("eps", eps)) if v is not None})
+    probe = StepProbe(s.model, s.opt)
+    sample = train.health_sample(s.split.test, cfg.seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    changes = {"lr": lr, "eps": eps, "grad_clip": grad_clip}
+    records = []
+    with open(out, "x") as f:
+        f.write(json.dumps({"checkpoint": str(ckpt_path), "from_epoch": s.start,
+                            "changes": {k: v for k, v in changes.items() if v is not None}}) + "\n")
+        for epoch in range(s.start + 1, to + 1):
+            pairs, shuffle = train.epoch_pairs(s, epoch)
+            terms = train.train_epoch(s.model, s.club, s.inputs, pairs, cfg, s.gen, s.opt, s.q_opt, epoch,
+                                      shuffle=shuffle)
+            rec = {"epoch": epoch, **{k: round(terms[k], 6) for k in TERMS if k in terms}, **probe.last}
+            if (epoch - s.start) % eval_every == 0 or epoch == to:
+                res, health = train.evaluate(s.model, s.inputs, s.split.test, cfg, health_ids=sample)
+                rec["test"] = {k: res["avg"][k] for k in ("hits@1", "mrr")}
+                rec["weight"] = health["weight"]
+            records.append(rec)
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            print(f"epoch {epoch} loss {rec['loss']:.4f} grad {rec['grad_norm']:.2f}"
+                  + (f" test_hits1 {rec['test']['hits@1']:.4f}" if "test" in rec else ""), flush=True)
+    return records
+
+
+def read(path: Path) -> tuple[dict, list[dict]]:
+    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return lines[0], lines[1:]
+
+
+def table(paths: list[Path]) -> str:
+    """Per trace: loss, gradient norm and test Hits@1 per epoch, and the part with the largest update."""
+    rows = ["| trace | changes | epoch | loss | grad norm | test H@1 | largest step (part, x lr) |",
+            "|---|---|---|---|---|---|---|"]
+    for path in paths:
+        head, recs = read(path)
+        changes = ", ".join(f"{k} {v}" for k, v in head["changes"].items()) or "none"
+        for r in recs:
+            k = max(r["max_step"], key=r["max_step"].get)
+            h1 = f"{r['test']['hits@1']:.4f}" if "test" in r else ""
+            step = f"{r['max_step'][k] / r['lr']:.2f}" if r["lr"] else "0"
+            rows.append(f"| {path.stem} | {changes} | {r['epoch']} | {r['loss']:.3f} | {r['grad_norm']:.2f} | {h1} "
+                        f"| {k} {step} |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("trace", help="train on from a checkpoint, one JSON line per epoch")
+    t.add_argument("checkpoint", type=Path)
+    t.add_argument("--to", type=int, required=True, help="the last epoch to train")
+    t.add_argument("--out", type=Path, required=True, help="the JSON-lines file to write (must not exist)")
+    t.add_argument("--lr", type=float, help="AdamW learning rate from the first traced step on")
+    t.add_argument("--eps", type=float, help="AdamW epsilon from the first traced step on")
+    t.add_argument("--grad_clip", type=float, help="rescale each gradient to at most this norm")
+    t.add_argument("--eval_every", type=int, default=1, help="evaluate on the test pairs every N epochs")
+    b = sub.add_parser("table", help="a markdown table of traces")
+    b.add_argument("traces", type=Path, nargs="+")
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "trace":
+            trace(args.checkpoint, args.to, args.out, args.lr, args.eps, args.grad_clip, args.eval_every)
+        else:
+            print(table(args.traces))
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

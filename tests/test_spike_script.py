@@ -1,0 +1,76 @@
+"""docs/analysis/spike.py: a trace from a checkpoint continues the run exactly, its optimiser changes
+take effect, and it refuses to overwrite or to trace backwards."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from test_reliability import _args, _metrics
+
+import train
+from utils import DataError
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "docs" / "analysis"))
+import spike  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_synthetic, tmp_path_factory):
+    """A 5-epoch run (its final checkpoint is at epoch 5) and the same run to 10 epochs."""
+    out = tmp_path_factory.mktemp("spike")
+    for name, epochs in (("short", "5"), ("long", "10")):
+        assert train.cli(_args(tiny_synthetic, out, name, "--epochs", epochs)) == 0
+    return out
+
+
+def test_a_trace_without_changes_continues_the_run_exactly(runs, tmp_path):
+    recs = spike.trace(runs / "short" / "checkpoint.pt", 10, tmp_path / "base.jsonl")
+    assert [r["epoch"] for r in recs] == list(range(6, 11))
+    assert all("test" in r for r in recs)  # evaluated every epoch, which draws no random number
+    long = {m["epoch"]: m for m in _metrics(runs / "long")}
+    assert recs[-1]["loss"] == long[10]["loss"]
+    assert recs[-1]["grad_norm"] == pytest.approx(long[10]["grad_norm"], abs=1e-6)
+    assert recs[-1]["test"]["hits@1"] == long[10]["test"]["avg"]["hits@1"]
+    assert recs[-1]["test"]["mrr"] == long[10]["test"]["avg"]["mrr"]
+    parts = set(recs[0]["update"])
+    assert "graph_encoder" in parts
+    assert {p for p in parts if p.startswith("experts.")}  # one part per modality's experts
+    head, again = spike.read(tmp_path / "base.jsonl")
+    assert head["changes"] == {}
+    assert again == json.loads(json.dumps(recs))
+    assert "| base | none | 10 |" in spike.table([tmp_path / "base.jsonl"])
+
+
+def test_the_learning_rate_change_takes_effect_from_the_first_step(runs, tmp_path):
+    recs = spike.trace(runs / "short" / "checkpoint.pt", 7, tmp_path / "frozen.jsonl", lr=0.0)
+    assert all(r["lr"] == 0.0 for r in recs)
+    assert all(v == 0.0 for r in recs for v in r["update"].values())  # lr 0: AdamW moves nothing
+    assert all(v == 0.0 for r in recs for v in r["max_step"].values())
+    assert any(v > 0.0 for r in recs for v in r["grad"].values())  # while the gradients are there
+    head, _ = spike.read(tmp_path / "frozen.jsonl")
+    assert head["changes"] == {"lr": 0.0}
+
+
+def test_a_clip_changes_the_step_but_not_the_logged_norm(runs, tmp_path):
+    """AdamW's update is not proportional to the gradient, but against its history a clipped gradient
+    is a smaller one: with a clip far below the gradient norms the first step differs."""
+    free = spike.trace(runs / "short" / "checkpoint.pt", 6, tmp_path / "free.jsonl")
+    clipped = spike.trace(runs / "short" / "checkpoint.pt", 6, tmp_path / "clip.jsonl", grad_clip=1e-6)
+    assert clipped[0]["grad_norm"] == free[0]["grad_norm"]  # the norm is logged before the clip
+    assert clipped[0]["update"] != free[0]["update"]
+
+
+def test_refuses_to_overwrite_or_to_trace_backwards(runs, tmp_path):
+    ckpt = runs / "short" / "checkpoint.pt"
+    taken = tmp_path / "taken.jsonl"
+    taken.write_text("keep me\n")
+    with pytest.raises(DataError, match="already exists"):
+        spike.trace(ckpt, 10, taken)
+    assert taken.read_text() == "keep me\n"
+    with pytest.raises(DataError, match="checkpoint is at epoch 5"):
+        spike.trace(ckpt, 5, tmp_path / "new.jsonl")
+    assert not (tmp_path / "new.jsonl").exists()
+    assert spike.main(["trace", str(tmp_path / "missing.pt"), "--to", "9", "--out", str(tmp_path / "x.jsonl")]) == 2
