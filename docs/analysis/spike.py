@@ -19,9 +19,9 @@ step on; ``--grad_clip`` rescales the gradient to at most that norm (train.clip_
 
 Per epoch and per part of the model (the graph encoder, each modality's experts, the fusion, the
 loss weights): the gradient's norm, the update's norm, and the largest update of one parameter
-(``max_step``; the table gives it in units of the learning rate). One gradient far above its history moves a parameter by at most about
-lr (1 - beta1) / sqrt(1 - beta2) ~ 3.2 lr in AdamW (plus the weight decay), so a largest update
-near 3 lr marks a parameter whose gradient jumped.
+(``max_step``; the table gives it in units of the learning rate). One gradient far above its
+history moves a parameter by at most about lr (1 - beta1) / sqrt(1 - beta2) ~ 3.2 lr in AdamW
+(plus the weight decay), so a largest update near 3 lr marks a parameter whose gradient jumped.
 """
 from __future__ import annotations
 
