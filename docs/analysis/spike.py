@@ -14,12 +14,13 @@ configuration's --file_dir (relative to the repository root: run from there); it
 ``--out``, one JSON line per epoch. With no change the trace continues the run exactly: the
 checkpoint carries every random state and an evaluation draws none, so its losses at the run's
 evaluated epochs equal those in the run's metrics.jsonl (tests/test_analysis.py checks this on the
-embedded default). ``--lr`` and ``--eps`` change the AdamW parameter groups from the first traced
-step on; ``--grad_clip`` rescales the gradient to at most that norm (train.clip_gradient).
+embedded default). ``--lr``, ``--eps`` and ``--beta2`` change the AdamW parameter groups from the
+first traced step on; ``--grad_clip`` rescales the gradient to at most that norm (train.clip_gradient).
 
-Per epoch and per part of the model (the graph encoder, each modality's experts, the fusion, the
-loss weights): the gradient's norm, the update's norm, and the largest update of one parameter
-(``max_step``; the table gives it in units of the learning rate). One gradient far above its
+Per epoch and per part of the model (each parameter of the graph encoder, each modality's experts,
+the fusion, the loss weights): the gradient's norm, the update's norm, the largest update of one
+parameter (``max_step``; the table gives it in units of the learning rate) and the parameters' norm
+after the step. One gradient far above its
 history moves a parameter by at most about lr (1 - beta1) / sqrt(1 - beta2) ~ 3.2 lr in AdamW
 (plus the weight decay), so a largest update near 3 lr marks a parameter whose gradient jumped.
 """
@@ -43,9 +44,13 @@ TERMS = ("loss", "fused_cl", "uni_cl", "distill", "club", "balance", "club_q_nll
 
 
 def part(name: str) -> str:
-    """The part of the model a parameter belongs to: experts.<modality>, or its first component."""
+    """The part of the model a parameter belongs to: each modality's experts together (experts.<modality>),
+    the fusion together, and each parameter of the graph encoder on its own (its entity table, and per
+    GAT layer the weight and the two attention vectors)."""
     head = name.split(".")
-    return ".".join(head[:2]) if head[0] == "experts" else head[0]
+    if head[0] == "experts":
+        return ".".join(head[:2])
+    return name.removeprefix("graph_encoder.") if head[0] == "graph_encoder" else head[0]
 
 
 class StepProbe:
@@ -59,7 +64,7 @@ class StepProbe:
 
     def step(self, *args, **kwargs):
         before = [p.detach().clone() for _, p in self.params]
-        grad, upd, big = {}, {}, {}
+        grad, upd, big, norm = {}, {}, {}, {}
         for (k, p), _ in zip(self.params, before):
             if p.grad is not None:
                 grad[k] = grad.get(k, 0.0) + float(p.grad.double().pow(2).sum())
@@ -68,8 +73,10 @@ class StepProbe:
             d = (p.detach() - b).double()
             upd[k] = upd.get(k, 0.0) + float(d.pow(2).sum())
             big[k] = max(big.get(k, 0.0), float(d.abs().max()) if d.numel() else 0.0)
+            norm[k] = norm.get(k, 0.0) + float(p.detach().double().pow(2).sum())
         self.last = {"lr": self.opt.param_groups[0]["lr"], "grad": {k: v ** 0.5 for k, v in grad.items()},
-                     "update": {k: v ** 0.5 for k, v in upd.items()}, "max_step": big}
+                     "update": {k: v ** 0.5 for k, v in upd.items()}, "max_step": big,
+                     "norm": {k: v ** 0.5 for k, v in norm.items()}}
         return out
 
 
@@ -83,7 +90,7 @@ def load(ckpt_path: Path) -> dict:
 
 
 def trace(ckpt_path: Path, to: int, out: Path, lr: float | None = None, eps: float | None = None,
-          grad_clip: float | None = None, eval_every: int = 1) -> list[dict]:
+          beta2: float | None = None, grad_clip: float | None = None, eval_every: int = 1) -> list[dict]:
     """Train from the checkpoint's epoch to ``to``, one JSON line per epoch into ``out``."""
     if out.exists():
         raise DataError(f"{out} already exists; give another --out (nothing was changed)")
@@ -98,10 +105,12 @@ def trace(ckpt_path: Path, to: int, out: Path, lr: float | None = None, eps: flo
     s = train.set_up(cfg, ckpt_path.parent, ckpt)
     for group in s.opt.param_groups:
         group.update({k: v for k, v in (("lr", lr), ("eps", eps)) if v is not None})
+        if beta2 is not None:
+            group["betas"] = (group["betas"][0], beta2)
     probe = StepProbe(s.model, s.opt)
     sample = train.health_sample(s.split.test, cfg.seed)
     out.parent.mkdir(parents=True, exist_ok=True)
-    changes = {"lr": lr, "eps": eps, "grad_clip": grad_clip}
+    changes = {"lr": lr, "eps": eps, "beta2": beta2, "grad_clip": grad_clip}
     records = []
     with open(out, "x") as f:
         f.write(json.dumps({"checkpoint": str(ckpt_path), "from_epoch": s.start,
@@ -153,6 +162,7 @@ def main(argv=None) -> int:
     t.add_argument("--out", type=Path, required=True, help="the JSON-lines file to write (must not exist)")
     t.add_argument("--lr", type=float, help="AdamW learning rate from the first traced step on")
     t.add_argument("--eps", type=float, help="AdamW epsilon from the first traced step on")
+    t.add_argument("--beta2", type=float, help="AdamW beta2 (the decay of the second-moment estimate)")
     t.add_argument("--grad_clip", type=float, help="rescale each gradient to at most this norm")
     t.add_argument("--eval_every", type=int, default=1, help="evaluate on the test pairs every N epochs")
     b = sub.add_parser("table", help="a markdown table of traces")
@@ -160,7 +170,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         if args.cmd == "trace":
-            trace(args.checkpoint, args.to, args.out, args.lr, args.eps, args.grad_clip, args.eval_every)
+            trace(args.checkpoint, args.to, args.out, args.lr, args.eps, args.beta2, args.grad_clip, args.eval_every)
         else:
             print(table(args.traces))
     except DataError as e:
