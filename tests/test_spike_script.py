@@ -38,6 +38,9 @@ def test_a_trace_without_changes_continues_the_run_exactly(runs, tmp_path):
     parts = set(recs[0]["update"])
     assert "entity.weight" in parts  # the graph encoder's parameters one by one
     assert {p for p in parts if p.startswith("experts.")}  # one part per modality's experts
+    top = recs[0]["table_top"]
+    assert [g for _, g, _ in top] == sorted((g for _, g, _ in top), reverse=True)
+    assert 0 < recs[0]["table_top100_share"] <= 1
     head, again = spike.read(tmp_path / "base.jsonl")
     assert head["changes"] == {}
     assert again == json.loads(json.dumps(recs))

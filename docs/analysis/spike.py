@@ -20,9 +20,10 @@ first traced step on; ``--grad_clip`` rescales the gradient to at most that norm
 Per epoch and per part of the model (each parameter of the graph encoder, each modality's experts,
 the fusion, the loss weights): the gradient's norm, the update's norm, the largest update of one
 parameter (``max_step``; the table gives it in units of the learning rate) and the parameters' norm
-after the step. One gradient far above its
-history moves a parameter by at most about lr (1 - beta1) / sqrt(1 - beta2) ~ 3.2 lr in AdamW
-(plus the weight decay), so a largest update near 3 lr marks a parameter whose gradient jumped.
+after the step; for the entity table also where its gradient is (the rows with the largest ones).
+One gradient far above its history moves a parameter by at most about lr (1 - beta1) / sqrt(1 - beta2)
+~ 3.2 lr in AdamW (plus the weight decay), so a largest update near 3 lr marks a parameter whose
+gradient jumped.
 """
 from __future__ import annotations
 
@@ -58,6 +59,7 @@ class StepProbe:
 
     def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer):
         self.params = [(part(n), p) for n, p in model.named_parameters()]
+        self.table = dict(model.named_parameters()).get("graph_encoder.entity.weight")
         self.opt, self.inner = opt, opt.step
         opt.step = self.step
         self.last: dict = {}
@@ -68,6 +70,7 @@ class StepProbe:
         for (k, p), _ in zip(self.params, before):
             if p.grad is not None:
                 grad[k] = grad.get(k, 0.0) + float(p.grad.double().pow(2).sum())
+        rows = self.table_rows()
         out = self.inner(*args, **kwargs)
         for (k, p), b in zip(self.params, before):
             d = (p.detach() - b).double()
@@ -76,8 +79,20 @@ class StepProbe:
             norm[k] = norm.get(k, 0.0) + float(p.detach().double().pow(2).sum())
         self.last = {"lr": self.opt.param_groups[0]["lr"], "grad": {k: v ** 0.5 for k, v in grad.items()},
                      "update": {k: v ** 0.5 for k, v in upd.items()}, "max_step": big,
-                     "norm": {k: v ** 0.5 for k, v in norm.items()}}
+                     "norm": {k: v ** 0.5 for k, v in norm.items()}, **rows}
         return out
+
+    def table_rows(self, top: int = 5) -> dict:
+        """Where the entity table's gradient is: how many rows have one, the share of its squared norm
+        in the 100 largest rows, and the ``top`` rows (entity id, gradient norm, row norm)."""
+        if self.table is None or self.table.grad is None:
+            return {}
+        g = self.table.grad.double().norm(dim=1)
+        order = g.argsort(descending=True)
+        total = float(g.pow(2).sum()) or 1.0
+        return {"table_rows_with_grad": int((g > 0).sum()),
+                "table_top100_share": float(g[order[:100]].pow(2).sum()) / total,
+                "table_top": [[int(i), float(g[i]), float(self.table.detach()[i].norm())] for i in order[:top]]}
 
 
 def load(ckpt_path: Path) -> dict:
