@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from test_reliability import _args, _metrics
 
 import train
@@ -68,6 +69,19 @@ def test_each_optimiser_change_changes_the_first_step_but_not_its_gradient(runs,
     assert changed[0]["update"] != free[0]["update"]
     head, _ = spike.read(tmp_path / "changed.jsonl")
     assert head["changes"] == change
+
+
+def test_a_beta2_change_keeps_the_bias_corrected_second_moments():
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0]))
+    opt = torch.optim.AdamW([w], lr=1e-3)
+    for i in range(40):
+        opt.zero_grad()
+        (w * torch.tensor([1.0, 0.1, 0.01]) * (1 + i)).sum().backward()
+        opt.step()
+    before = opt.state[w]["exp_avg_sq"] / (1 - 0.999 ** 40)
+    spike.set_beta2(opt, 0.9)
+    assert opt.param_groups[0]["betas"] == (0.9, 0.9)
+    assert torch.allclose(opt.state[w]["exp_avg_sq"] / (1 - 0.9 ** 40), before, rtol=1e-6, atol=0)
 
 
 def test_refuses_to_overwrite_or_to_trace_backwards(runs, tmp_path):

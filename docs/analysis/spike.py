@@ -13,9 +13,10 @@ epochs). The trace reads the run's configuration from the checkpoint and its dat
 configuration's --file_dir (relative to the repository root: run from there); it writes only
 ``--out``, one JSON line per epoch. With no change the trace continues the run exactly: the
 checkpoint carries every random state and an evaluation draws none, so its losses at the run's
-evaluated epochs equal those in the run's metrics.jsonl (tests/test_analysis.py checks this on the
+evaluated epochs equal those in the run's metrics.jsonl (tests/test_spike_script.py checks this on the
 embedded default). ``--lr``, ``--eps`` and ``--beta2`` change the AdamW parameter groups from the
-first traced step on; ``--grad_clip`` rescales the gradient to at most that norm (train.clip_gradient).
+first traced step on (``--beta2`` keeps the bias-corrected second moments continuous, ``set_beta2``);
+``--grad_clip`` rescales the gradient to at most that norm (train.clip_gradient).
 
 Per epoch and per part of the model (each parameter of the graph encoder, each modality's experts,
 the fusion, the loss weights): the gradient's norm, the update's norm, the largest update of one
@@ -95,6 +96,21 @@ class StepProbe:
                 "table_top": [[int(i), float(g[i]), float(self.table.detach()[i].norm())] for i in order[:top]]}
 
 
+def set_beta2(opt: torch.optim.Optimizer, beta2: float) -> None:
+    """Change AdamW's beta2 without a jump in its bias-corrected second moments. AdamW divides its
+    estimate v by 1 - beta2^t; at step t = 550 that is 0.42 for beta2 0.999 and 1.00 for 0.99, so a bare
+    change of beta2 would shrink v_hat 2.4 times and enlarge every step 1.5 times at once. v is rescaled
+    so that v_hat is the same just after the change."""
+    for group in opt.param_groups:
+        old = group["betas"][1]
+        for p in group["params"]:
+            state = opt.state.get(p)
+            if state and "exp_avg_sq" in state:
+                t = float(state["step"])
+                state["exp_avg_sq"].mul_((1 - beta2 ** t) / (1 - old ** t))
+        group["betas"] = (group["betas"][0], beta2)
+
+
 def load(ckpt_path: Path) -> dict:
     if not ckpt_path.is_file():
         raise DataError(f"{ckpt_path}: no such checkpoint file (a run's checkpoint.pt, or a copy of one)")
@@ -120,8 +136,8 @@ def trace(ckpt_path: Path, to: int, out: Path, lr: float | None = None, eps: flo
     s = train.set_up(cfg, ckpt_path.parent, ckpt)
     for group in s.opt.param_groups:
         group.update({k: v for k, v in (("lr", lr), ("eps", eps)) if v is not None})
-        if beta2 is not None:
-            group["betas"] = (group["betas"][0], beta2)
+    if beta2 is not None:
+        set_beta2(s.opt, beta2)
     probe = StepProbe(s.model, s.opt)
     sample = train.health_sample(s.split.test, cfg.seed)
     out.parent.mkdir(parents=True, exist_ok=True)
