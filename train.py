@@ -316,9 +316,21 @@ def build_model(cfg: Config, inputs: ModelInputs, device):
     switches = cfg.switches
     use_club = switches.use_club and switches.use_hmoe and cfg.n_exp > 1 and with_experts
     club = CLUBDisentanglement(with_experts, cfg.hidden, cfg.hidden).to(device) if use_club else None
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     q_opt = torch.optim.AdamW(club.parameters(), lr=cfg.q_lr) if club else None
     return model, club, opt, q_opt
+
+
+def parameter_groups(model: HUMEA, cfg: Config) -> list[dict]:
+    """One AdamW group of every parameter, or with --entity_lr two: the entity table e^g at its own rate
+    and the rest at --lr."""
+    if not cfg.entity_lr:
+        return [{"params": list(model.parameters())}]
+    if "graph" not in model.modalities:
+        raise DataError(f"--entity_lr {cfg.entity_lr}: the graph modality is switched off, so there is no entity "
+                        "table to give a learning rate")
+    table = model.graph_encoder.entity.weight
+    return [{"params": [p for p in model.parameters() if p is not table]}, {"params": [table], "lr": cfg.entity_lr}]
 
 
 def training_pairs(cfg: Config, data: MMKG, split: Split, log: logging.Logger) -> tuple[np.ndarray, dict]:
@@ -608,7 +620,8 @@ def loss_spike_warning(previous: dict | None, record: dict) -> str | None:
         return None
     return (f"the training loss rose from {previous['loss']:.4g} at epoch {previous['epoch']} to {record['loss']:.4g} "
             f"(x{ratio:.2f} > x{LOSS_SPIKE}): a loss spike; later evaluations may be worse than earlier ones "
-            "(--grad_clip bounds the step, --val_ratio with --early_stop keeps the best-validation model)")
+            "(docs/accuracy.md, 'Late loss spikes': the one traced started in the entity table, which "
+            "--entity_lr slows; --val_ratio with --early_stop keeps the best-validation model)")
 
 
 def health_warnings(health: dict) -> list[str]:

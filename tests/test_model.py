@@ -11,8 +11,8 @@ from data_process.dataset import split_links
 from layers import InterModalRouter, IntraModalMoE, LinearProjection, UniformFusion
 from loss import CLUBDisentanglement, contrastive_alignment_loss, total_loss, unimodal_distillation_loss
 from model import HUMEA, ModelConfig, ModelInputs
-from train import clip_gradient, loss_batches, train_epoch
-from utils import MODALITIES, Config, evaluate_alignment
+from train import clip_gradient, loss_batches, parameter_groups, train_epoch
+from utils import MODALITIES, Config, DataError, evaluate_alignment
 
 D = 16
 
@@ -229,6 +229,36 @@ def test_train_epoch_logs_the_gradient_norm_and_grad_clip_caps_it(tiny_data, inp
     assert same_norm == pytest.approx(norm, rel=1e-5)  # logged before clipping
     assert float(clipped.norm()) == pytest.approx(0.5, rel=1e-4)
     torch.testing.assert_close(clipped, unclipped * (0.5 / norm), rtol=1e-4, atol=1e-7)
+
+
+def test_entity_lr_gives_the_entity_table_alone_its_own_rate(tiny_data, inputs):
+    """--entity_lr puts e^g in an AdamW group of its own: with a rate of 1e-12 one step leaves it (all
+    but) where it was while every other parameter moves as at --lr; 0 keeps the single group."""
+    pairs = split_links(tiny_data.links, 0.5, seed=0).train
+    moved = {}
+    for entity_lr in (0.0, 1e-12):
+        cfg = _cfg(bsize=8, entity_lr=entity_lr)
+        model = _model(cfg, inputs)
+        groups = parameter_groups(model, cfg)
+        assert len(groups) == (1 if entity_lr == 0 else 2)
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        train_epoch(model, None, inputs, pairs, cfg, torch.Generator().manual_seed(3), opt, None, 1)
+        moved[entity_lr] = {n: float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters()}
+    table = "graph_encoder.entity.weight"
+    assert moved[0.0][table] > 1e-4
+    assert moved[1e-12][table] < 1e-10
+    for name, step in moved[0.0].items():
+        if name != table:
+            assert moved[1e-12][name] == pytest.approx(step, rel=1e-5, abs=1e-9), name
+
+
+def test_entity_lr_needs_the_graph(tiny_data, inputs):
+    cfg = _cfg(entity_lr=1e-4, without="graph")
+    with pytest.raises(DataError, match="--entity_lr"):
+        parameter_groups(_model(cfg, inputs), cfg)
+    with pytest.raises(DataError, match="--entity_lr must be >= 0"):
+        _cfg(entity_lr=-1.0)
 
 
 def test_gradient_norm_does_not_overflow_and_never_touches_an_unclipped_gradient():
