@@ -58,7 +58,7 @@ def test_the_learning_rate_change_takes_effect_from_the_first_step(runs, tmp_pat
     assert head["changes"] == {"lr": 0.0}
 
 
-@pytest.mark.parametrize("change", [{"grad_clip": 1e-6}, {"eps": 1.0}, {"beta2": 0.5}, {"table_lr": 0.0}])
+@pytest.mark.parametrize("change", [{"grad_clip": 1e-6}, {"eps": 1.0}, {"beta2": 0.5}, {"entity_lr": 0.0}])
 def test_each_optimiser_change_changes_the_first_step_but_not_its_gradient(runs, tmp_path, change):
     """The first traced step sees the same gradient (logged before any clip) and, with another clip, epsilon
     or beta2, takes another step: against AdamW's history a clipped gradient is a smaller one, a larger
@@ -72,7 +72,7 @@ def test_each_optimiser_change_changes_the_first_step_but_not_its_gradient(runs,
 
 
 def test_a_table_learning_rate_of_zero_freezes_the_table_only(runs, tmp_path):
-    recs = spike.trace(runs / "short" / "checkpoint.pt", 6, tmp_path / "t.jsonl", table_lr=0.0)
+    recs = spike.trace(runs / "short" / "checkpoint.pt", 6, tmp_path / "t.jsonl", entity_lr=0.0)
     assert recs[0]["update"]["entity.weight"] == 0.0
     assert recs[0]["grad"]["entity.weight"] > 0.0
     assert recs[0]["update"]["layers.0.weight"] > 0.0

@@ -16,7 +16,7 @@ checkpoint carries every random state and an evaluation draws none, so its losse
 evaluated epochs equal those in the run's metrics.jsonl (tests/test_spike_script.py checks this on the
 embedded default). ``--lr``, ``--eps`` and ``--beta2`` change the AdamW parameter groups from the
 first traced step on (``--beta2`` keeps the bias-corrected second moments continuous, ``set_beta2``);
-``--grad_clip`` rescales the gradient to at most that norm (train.clip_gradient); ``--table_lr`` gives
+``--grad_clip`` rescales the gradient to at most that norm (train.clip_gradient); ``--entity_lr`` gives
 the entity table e^g a learning rate of its own. The records' ``lr`` is the first group's.
 
 Per epoch and per part of the model (each parameter of the graph encoder, each modality's experts,
@@ -130,7 +130,7 @@ def load(ckpt_path: Path) -> dict:
 
 
 def trace(ckpt_path: Path, to: int, out: Path, lr: float | None = None, eps: float | None = None,
-          beta2: float | None = None, grad_clip: float | None = None, table_lr: float | None = None,
+          beta2: float | None = None, grad_clip: float | None = None, entity_lr: float | None = None,
           eval_every: int = 1) -> list[dict]:
     """Train from the checkpoint's epoch to ``to``, one JSON line per epoch into ``out``."""
     if out.exists():
@@ -148,12 +148,12 @@ def trace(ckpt_path: Path, to: int, out: Path, lr: float | None = None, eps: flo
         group.update({k: v for k, v in (("lr", lr), ("eps", eps)) if v is not None})
     if beta2 is not None:
         set_beta2(s.opt, beta2)
-    if table_lr is not None:
-        own_learning_rate(s.opt, s.model.graph_encoder.entity.weight, table_lr)
+    if entity_lr is not None:
+        own_learning_rate(s.opt, s.model.graph_encoder.entity.weight, entity_lr)
     probe = StepProbe(s.model, s.opt)
     sample = train.health_sample(s.split.test, cfg.seed)
     out.parent.mkdir(parents=True, exist_ok=True)
-    changes = {"lr": lr, "eps": eps, "beta2": beta2, "grad_clip": grad_clip, "table_lr": table_lr}
+    changes = {"lr": lr, "eps": eps, "beta2": beta2, "grad_clip": grad_clip, "entity_lr": entity_lr}
     records = []
     with open(out, "x") as f:
         f.write(json.dumps({"checkpoint": str(ckpt_path), "from_epoch": s.start,
@@ -207,14 +207,14 @@ def main(argv=None) -> int:
     t.add_argument("--eps", type=float, help="AdamW epsilon from the first traced step on")
     t.add_argument("--beta2", type=float, help="AdamW beta2 (the decay of the second-moment estimate)")
     t.add_argument("--grad_clip", type=float, help="rescale each gradient to at most this norm")
-    t.add_argument("--table_lr", type=float, help="a learning rate of its own for the entity table (e^g)")
+    t.add_argument("--entity_lr", type=float, help="a learning rate of its own for the entity table (e^g)")
     t.add_argument("--eval_every", type=int, default=1, help="evaluate on the test pairs every N epochs")
     b = sub.add_parser("table", help="a markdown table of traces")
     b.add_argument("traces", type=Path, nargs="+")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "trace":
-            trace(args.checkpoint, args.to, args.out, args.lr, args.eps, args.beta2, args.grad_clip, args.table_lr,
+            trace(args.checkpoint, args.to, args.out, args.lr, args.eps, args.beta2, args.grad_clip, args.entity_lr,
                   args.eval_every)
         else:
             print(table(args.traces))
