@@ -69,7 +69,7 @@ class StepProbe:
     def step(self, *args, **kwargs):
         before = [p.detach().clone() for _, p in self.params]
         grad, upd, big, norm = {}, {}, {}, {}
-        for (k, p), _ in zip(self.params, before):
+        for k, p in self.params:
             if p.grad is not None:
                 grad[k] = grad.get(k, 0.0) + float(p.grad.double().pow(2).sum())
         rows = self.table_rows()
