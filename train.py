@@ -173,10 +173,23 @@ def load_checkpoint(run: Path) -> dict:
     if not path.is_file():
         raise DataError(f"--resume {run}: no checkpoint.pt in that folder (a run killed before its first "
                         "checkpoint has nothing to resume: start it again without --resume)")
+    return read_checkpoint(path)
+
+
+def read_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)  # our own file: numpy RNG states inside
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is a bad input here
         raise DataError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})") from e
+
+
+def saved_config(saved: dict, source: str) -> Config:
+    """The Config a checkpoint was made with; ``source`` names the checkpoint in the error."""
+    try:
+        return Config(**{k: v for k, v in saved.items() if k != "provenance"})
+    except TypeError as e:
+        raise DataError(f"{source}: the checkpoint's configuration does not match this version "
+                        f"of train.py ({e})") from None
 
 
 # Flags that may differ between a run and its resumption: where it runs, how it is resumed, and
@@ -187,11 +200,7 @@ RESUME_FREE = ("resume", "device", "save_outputs")
 def resumed_config(cfg: Config, saved: dict) -> Config:
     """A resumed run keeps its saved configuration. A flag given with --resume that differs from both
     its default and the saved value would be silently ignored, so it is an error instead."""
-    try:
-        out = Config(**{k: v for k, v in saved.items() if k != "provenance"})
-    except TypeError as e:
-        raise DataError(f"--resume {cfg.resume}: the checkpoint's configuration does not match this version "
-                        f"of train.py ({e})") from None
+    out = saved_config(saved, f"--resume {cfg.resume}")
     default = Config.from_preset(cfg.preset)
     for f in dataclasses.fields(Config):
         given = getattr(cfg, f.name)
@@ -321,15 +330,20 @@ def build_model(cfg: Config, inputs: ModelInputs, device):
     return model, club, opt, q_opt
 
 
+def entity_table(model: HUMEA) -> torch.nn.Parameter | None:
+    """The graph encoder's entity table e^g, or None when the graph modality is switched off."""
+    return model.graph_encoder.entity.weight if "graph" in model.modalities else None
+
+
 def parameter_groups(model: HUMEA, cfg: Config) -> list[dict]:
     """One AdamW group of every parameter, or with --entity_lr two: the entity table e^g at its own rate
     and the rest at --lr."""
     if not cfg.entity_lr:
         return [{"params": list(model.parameters())}]
-    if "graph" not in model.modalities:
+    table = entity_table(model)
+    if table is None:
         raise DataError(f"--entity_lr {cfg.entity_lr}: the graph modality is switched off, so there is no entity "
                         "table to give a learning rate")
-    table = model.graph_encoder.entity.weight
     return [{"params": [p for p in model.parameters() if p is not table]}, {"params": [table], "lr": cfg.entity_lr}]
 
 

@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import train  # noqa: E402  (the repository root is on the path only now)
-from utils import Config, DataError  # noqa: E402
+from utils import DataError  # noqa: E402
 
 TERMS = ("loss", "fused_cl", "uni_cl", "distill", "club", "balance", "club_q_nll", "grad_norm")
 
@@ -61,7 +61,7 @@ class StepProbe:
 
     def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer):
         self.params = [(part(n), p) for n, p in model.named_parameters()]
-        self.table = dict(model.named_parameters()).get("graph_encoder.entity.weight")
+        self.table = train.entity_table(model)
         self.opt, self.inner = opt, opt.step
         opt.step = self.step
         self.last: dict = {}
@@ -123,10 +123,7 @@ def own_learning_rate(opt: torch.optim.Optimizer, param: torch.nn.Parameter, lr:
 def load(ckpt_path: Path) -> dict:
     if not ckpt_path.is_file():
         raise DataError(f"{ckpt_path}: no such checkpoint file (a run's checkpoint.pt, or a copy of one)")
-    try:
-        return torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is a bad input here
-        raise DataError(f"{ckpt_path}: cannot read the checkpoint ({type(e).__name__}: {e})") from e
+    return train.read_checkpoint(ckpt_path)
 
 
 def trace(ckpt_path: Path, to: int, out: Path, lr: float | None = None, eps: float | None = None,
@@ -136,7 +133,7 @@ def trace(ckpt_path: Path, to: int, out: Path, lr: float | None = None, eps: flo
     if out.exists():
         raise DataError(f"{out} already exists; give another --out (nothing was changed)")
     ckpt = load(ckpt_path)
-    cfg = Config(**{k: v for k, v in ckpt["config"].items() if k != "provenance"})
+    cfg = train.saved_config(ckpt["config"], str(ckpt_path))
     if cfg.il:
         raise DataError(f"{ckpt_path}: an iterative-training run; the trace does not add pseudo-labels")
     if to <= ckpt["epoch"]:
@@ -149,7 +146,10 @@ def trace(ckpt_path: Path, to: int, out: Path, lr: float | None = None, eps: flo
     if beta2 is not None:
         set_beta2(s.opt, beta2)
     if entity_lr is not None:
-        own_learning_rate(s.opt, s.model.graph_encoder.entity.weight, entity_lr)
+        table = train.entity_table(s.model)
+        if table is None:
+            raise DataError(f"--entity_lr: {ckpt_path} is a run without the graph modality, so without an entity table")
+        own_learning_rate(s.opt, table, entity_lr)
     probe = StepProbe(s.model, s.opt)
     sample = train.health_sample(s.split.test, cfg.seed)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -207,7 +207,9 @@ def main(argv=None) -> int:
     t.add_argument("--eps", type=float, help="AdamW epsilon from the first traced step on")
     t.add_argument("--beta2", type=float, help="AdamW beta2 (the decay of the second-moment estimate)")
     t.add_argument("--grad_clip", type=float, help="rescale each gradient to at most this norm")
-    t.add_argument("--entity_lr", type=float, help="a learning rate of its own for the entity table (e^g)")
+    t.add_argument("--entity_lr", type=float, help="a learning rate of its own for the entity table (e^g); 0 freezes "
+                                                   "it, as --lr 0 freezes everything (train.py's --entity_lr 0 "
+                                                   "means --lr instead)")
     t.add_argument("--eval_every", type=int, default=1, help="evaluate on the test pairs every N epochs")
     b = sub.add_parser("table", help="a markdown table of traces")
     b.add_argument("traces", type=Path, nargs="+")
