@@ -446,8 +446,9 @@ def train_epoch(model: HUMEA, club: CLUBDisentanglement | None, inputs: ModelInp
 def clip_gradient(model: torch.nn.Module, max_norm: float) -> float:
     """The global L2 norm of the model's gradient, logged so that a loss jump can be traced to the
     steps before it; with ``max_norm`` > 0 (--grad_clip) the gradient is rescaled to at most that norm.
-    The norm is summed in float64: under --preset official the raw bag-of-words inputs give first-epoch
-    gradients whose float32 norm overflows to inf (AdamW itself is unaffected by the scale)."""
+    The norm is summed in float64: under --preset official the first step's gradient reaches ~4e23 (the
+    bag-of-words experts' centres, through the exactly-zero outputs of entities without attributes,
+    docs/departures.md "A first-step overflow"), whose float32 norm overflows to inf."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         return 0.0

@@ -263,8 +263,9 @@ def test_entity_lr_needs_the_graph(tiny_data, inputs):
 
 def test_gradient_norm_does_not_overflow_and_never_touches_an_unclipped_gradient():
     """Under --preset official the first step's gradient reaches ~4e23 (linear experts' centres of
-    entities without attributes): its float32 norm would overflow to inf, and an inf norm once turned
-    the gradient into NaN. The norm is summed in float64, and without --grad_clip nothing changes."""
+    entities without attributes; test_options.py has the mechanism): its float32 norm would overflow
+    to inf, and an inf norm once turned the gradient into NaN. The norm is summed in float64, and
+    without --grad_clip nothing changes."""
     layer = torch.nn.Linear(2, 1, bias=False)
     layer.weight.grad = torch.tensor([[3e30, 4e30]])
     assert clip_gradient(layer, 0.0) == pytest.approx(5e30, rel=1e-6)

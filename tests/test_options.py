@@ -95,6 +95,36 @@ def test_linear_noisy_experts_equal_hand_computation_and_noise_only_in_training(
     assert float(fresh.weight.detach().std()) == pytest.approx(0.02, rel=0.2)
 
 
+def test_linear_experts_on_an_all_zero_row_freeze_their_centres_at_the_first_step():
+    """docs/departures.md, "A first-step overflow": a zero input row (an entity without attributes
+    under --missing fill) gives an expert output of exactly zero at the start (c_k = 0, no output
+    bias). Normalised twice (the unimodal embedding, then inside the contrastive loss), eps 1e-12
+    each, its gradient is scaled by 1e24; AdamW's float32 second moment of the centres overflows to
+    inf, and those entries never move again."""
+    torch.manual_seed(0)
+    moe = LinearNoisyMoE(4, D, 2).eval()
+    opt = torch.optim.AdamW(moe.parameters(), lr=5e-4)
+    target = torch.randn(2, D)
+
+    def step(x):
+        opt.zero_grad()
+        mixed = moe(x)[0]
+        loss = (F.normalize(F.normalize(mixed, dim=-1), dim=-1) * target).sum()
+        loss.backward()
+        opt.step()
+        return float(moe.center.grad.abs().max())
+
+    zero_row = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 2.0, 1.0]])
+    assert step(zero_row) > 1e20  # the exactly-zero output's gradient
+    frozen = torch.isinf(opt.state[moe.center]["exp_avg_sq"])
+    assert frozen.any()
+    before, weights_before = moe.center.detach().clone(), moe.weight.detach().clone()
+    for _ in range(3):  # ordinary rows afterwards: ordinary gradients, but the frozen entries stay put
+        assert step(torch.randn(2, 4)) < 1e3
+    torch.testing.assert_close(moe.center.detach()[frozen], before[frozen], rtol=0, atol=0)
+    assert not torch.equal(moe.weight.detach(), weights_before)  # the rest of the expert still learns
+
+
 def test_expert_options_choose_the_modules(tiny_data):
     inputs = ModelInputs.from_data(tiny_data, "cpu")
     torch.manual_seed(0)
