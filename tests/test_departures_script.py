@@ -70,3 +70,11 @@ def test_table_and_commands_from_the_run_folders(tmp_path):
     assert resume[-2:] == ["--resume", str(out / "o_ffn")] and resume[resume.index("--epochs") + 1] == "50"
     fresh = departures.command("o_mask", 100, out)
     assert "--resume" not in fresh and fresh[fresh.index("--missing") + 1] == "mask"
+
+
+def test_every_official_choice_is_switched_on_by_one_paper_variant():
+    switched = set()
+    for ref, _, flags in departures.VARIANTS.values():
+        if ref == "paper":
+            switched |= set(_diff(_cfg([]), _cfg(flags)))
+    assert switched == set(PRESETS["official"])

@@ -1,6 +1,6 @@
 """Which of the official code's departures carry its numbers: short runs of both presets, the
-official preset with one choice switched back to the paper's, and the paper preset with one of the
-official choices that --preset official adds beyond the ladder of docs/accuracy.md.
+official preset with one choice switched back to the paper's (o_*), and the paper preset with one of
+the official choices switched on (p_*).
 
     python docs/analysis/departures.py list                      # the variants and their commands
     python docs/analysis/departures.py run official o_ffn --epochs 100
@@ -54,6 +54,13 @@ VARIANTS = {
     "p_joint_teacher": ("paper", "fused teacher, weight al_loss squared", ["--distill_direction", "joint_teacher"]),
     "p_uncertainty": ("paper", "learned uncertainty weights", ["--loss_weighting", "uncertainty"]),
     "p_curriculum": ("paper", "curriculum", ["--curriculum"]),
+    "p_global": ("paper", "official global weights over 7 combinations",
+                 ["--router", "global", "--router_balance", "0"]),
+    "p_linear": ("paper", "official linear noisy experts, no Graph-MoE",
+                 ["--expert", "linear", "--no-graph_moe", "--no-graph_residual", "--moe_input_norm", "none",
+                  "--expert_dropout", "0"]),
+    "p_raw_bow": ("paper", "bag-of-words rows raw (text L2)", ["--feature_norm", "official"]),
+    "p_fill": ("paper", "missing modalities filled (random text, zero BOW)", ["--missing", "fill"]),
 }
 
 
