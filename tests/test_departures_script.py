@@ -72,6 +72,16 @@ def test_table_and_commands_from_the_run_folders(tmp_path):
     assert "--resume" not in fresh and fresh[fresh.index("--missing") + 1] == "mask"
 
 
+def test_the_change_column_shows_epoch_100_beside_a_longer_comparison_and_no_negative_zero(tmp_path):
+    out = tmp_path / "dep"
+    _fake_run(out / "official", {10: 0.2, 20: 0.3, 50: 0.45, 100: 0.5, 300: 0.514}, finished=True)
+    _fake_run(out / "o_entity", {10: 0.2, 20: 0.3, 50: 0.40, 100: 0.467, 300: 0.559}, finished=True)
+    _fake_run(out / "o_sum", {10: 0.2, 20: 0.3, 50: 0.45, 100: 0.5, 300: 0.5139}, finished=True)
+    rows = {r.split(" | ")[0]: r for r in departures.table({n: out / n for n in departures.VARIANTS})}
+    assert "| +0.045 at 300 (-0.033 at 100) |" in rows["| `o_entity`"]
+    assert "| 0.000 at 300 (0.000 at 100) |" in rows["| `o_sum`"]
+
+
 def test_every_official_choice_is_switched_on_by_one_paper_variant():
     switched = set()
     for ref, _, flags in departures.VARIANTS.values():
