@@ -80,6 +80,10 @@ def test_the_change_column_shows_epoch_100_beside_a_longer_comparison_and_no_neg
     rows = {r.split(" | ")[0]: r for r in departures.table({n: out / n for n in departures.VARIANTS})}
     assert "| +0.045 at 300 (-0.033 at 100) |" in rows["| `o_entity`"]
     assert "| 0.000 at 300 (0.000 at 100) |" in rows["| `o_sum`"]
+    _fake_run(out / "p_raw_bow", {10: 0.2}, finished=False)  # a flag whose value is the word "official"
+    rows = {r.split(" | ")[0]: r for r in departures.table({n: out / n for n in departures.VARIANTS})}
+    assert rows["| `p_raw_bow`"].endswith("| `--feature_norm official` |")
+    assert rows["| `o_sum`"].endswith("| `--loss_weighting sum` |")  # "--preset official" is the reference
 
 
 def test_every_official_choice_is_switched_on_by_one_paper_variant():

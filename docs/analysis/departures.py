@@ -146,7 +146,7 @@ def table(folders: dict[str, Path]) -> list[str]:
                 delta = change(h, hist[ref], common[-1])
                 if common[-1] > 100 and 100 in common:  # the short comparison can disagree with the long one
                     delta += f" ({change(h, hist[ref], 100)})"
-        shown = " ".join(f for f in flags if f not in ("--preset", "official")) or "-"
+        shown = " ".join(flags).replace("--preset official", "").strip() or "-"  # the reference says the preset
         out.append(f"| `{name}` | {what} | " + " | ".join(cell(h.get(e)) for e in EPOCHS)
                    + f" | {delta} | {weights(h)} | `{shown}` |")
     return out
