@@ -13,7 +13,8 @@ resumes an interrupted one from its checkpoint (to its own number of epochs) and
 finished shorter one (train.py --resume --extend_to); there is no learning-rate schedule, so a
 run's first N epochs are the same whatever its total. ``table`` prints test Hits@1 / MRR at
 epochs 10, 20, 50, 100 and 300 from each folder's metrics.jsonl, the change in Hits@1 from the
-variant's reference preset at the last of those epochs both have, and the mean learned modality
+variant's reference preset at the last of those epochs both have (and at epoch 100 beside it when
+that one is later), and the mean learned modality
 weights (health sample) at the variant's last one; ``--also NAME=FOLDER`` reads a variant from
 another run folder (e.g. paper=runs/t1_db_20, the paper preset's 1000-epoch run, which has this
 configuration).
@@ -128,7 +129,8 @@ def change(h: dict[int, dict], ref: dict[int, dict], epoch: int) -> str:
 
 def table(folders: dict[str, Path]) -> list[str]:
     """Markdown rows: the official log, then every variant with a folder, and the change in Hits@1
-    from its reference preset at the last epoch of EPOCHS that both have."""
+    from its reference preset at the last epoch of EPOCHS that both have (and at epoch 100 beside a
+    later one: the short comparison can disagree with the long one)."""
     hist = {name: history(folder) for name, folder in folders.items()}
     out = ["| variant | change | " + " | ".join(f"epoch {e}" for e in EPOCHS)
            + " | Hits@1 vs preset | modality weights | flags |",
@@ -144,7 +146,7 @@ def table(folders: dict[str, Path]) -> list[str]:
             common = [e for e in EPOCHS if e in h and e in hist[ref]]
             if common:
                 delta = change(h, hist[ref], common[-1])
-                if common[-1] > 100 and 100 in common:  # the short comparison can disagree with the long one
+                if common[-1] > 100 and 100 in common:
                     delta += f" ({change(h, hist[ref], 100)})"
         shown = " ".join(flags).replace("--preset official", "").strip() or "-"  # the reference says the preset
         out.append(f"| `{name}` | {what} | " + " | ".join(cell(h.get(e)) for e in EPOCHS)
