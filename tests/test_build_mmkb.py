@@ -1,14 +1,17 @@
-"""The MMKB builder: raw-file parsing, the id layout, statistics, bad inputs, and the real FB15K_DB15K."""
+"""The MMKB builder: raw-file parsing, the id layout, statistics, bad inputs, and the real FB15K_DB15K and
+FB15K_YAGO15K."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from data_process import build_mmkb
+from data_process import build_mmkb, text_features
 from data_process.build_mmkb import BuildConfig, BuildError, build
+from data_process.dataset import load_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_MMKB = REPO.parent / "shared" / "data" / "mmkb"
@@ -193,6 +196,111 @@ def test_yago_format(tmp_path):
     assert stats["links"]["links_both_ends_in_triples"] == 2
 
 
+# MMKB's complete YAGO15K files in miniature: triples not sorted (the partial file in ../shared is
+# sorted by relation, MMKB's is not), every linked entity in some triple, dates with unknown parts
+# (`1861-##-##`), coordinates, and repeated attribute lines as MMKB's file has.
+YG_COMPLETE_TRIPLES = [
+    ("Javier_Bardem", "wasBornIn", "Las_Palmas"),
+    ("Javier_Bardem", "isMarriedTo", "Penélope_Cruz"),
+    ("Javier_Bardem", "actedIn", "No_Country_for_Old_Men"),
+    ("Penélope_Cruz", "actedIn", "Vicky_Cristina_Barcelona"),
+    ("Ahmedabad", "isLocatedIn", "India"),
+    ("Kansas", "hasCapital", "Topeka,_Kansas"),
+    ("Las_Palmas", "isLocatedIn", "Spain"),
+]
+YG_COMPLETE_ATTRS = [
+    ("Ahmedabad", "hasLatitude", "23.03"),
+    ("Javier_Bardem", "wasBornOnDate", "1969-03-01"),
+    ("Ahmedabad", "hasLongitude", "72.58"),
+    ("Kansas", "wasCreatedOnDate", "1861-##-##"),
+    ("Javier_Bardem", "wasBornOnDate", "1969-03-01"),  # repeated line, as in MMKB's file
+    ("Spain", "hasLatitude", "40.0"),  # an entity in triples but in no link: kept
+    ("Ahmedabad", "hasLatitude", "23.03"),  # repeated line
+    ("Topeka,_Kansas", "wasCreatedOnDate", "1854.0000"),  # YYYY.MMDD spelling of a date
+]
+YG_COMPLETE_LINKS = [
+    ("/m/bardem", "Javier_Bardem"),
+    ("/m/cruz", "Penélope_Cruz"),
+    ("/m/ahmedabad", "Ahmedabad"),
+    ("/m/kansas", "Kansas"),
+    ("/m/nocountry", "No_Country_for_Old_Men"),
+]
+
+
+def test_yago_complete_format_builds_every_entity_and_triple(tmp_path):
+    """Nothing in the builder relies on the partial YAGO15K file (sorted, 747 linked entities in no
+    triple): a file in MMKB's complete form gives every entity and triple, no isolated node, ids in
+    the file's order, repeated attribute lines kept and counted, dates and coordinates verbatim."""
+    fb_triples = [
+        "/m/bardem /people/person/spouse_s /m/cruz .",
+        "/m/bardem /film/actor/film /m/nocountry .",
+        "/m/ahmedabad /location/location/containedby /m/india .",
+        "/m/kansas /location/location/contains /m/topeka .",
+    ]
+    write_raw(
+        tmp_path / "mmkb",
+        "YAGO15K",
+        {
+            "FB15K_EntityTriples.txt": fb_triples,
+            "FB15K_NumericalTriples.txt": [f"/m/ahmedabad\t{FBA.format('location.geocode.latitude')}\t23.03"],
+            "YAGO15K_EntityTriples.txt": [
+                f"{YG.format(h)} {YG.format(r)} {YG.format(t)} ." for h, r, t in YG_COMPLETE_TRIPLES
+            ],
+            "YAGO15K_NumericalTriples.txt": [f"{YG.format(e)}\t{YG.format(a)}\t{v}" for e, a, v in YG_COMPLETE_ATTRS],
+            "YAGO15K_SameAsLink.txt": [f"{fb} <SameAs> {YG.format(yg)} ." for fb, yg in YG_COMPLETE_LINKS],
+        },
+    )
+    stats = build(cfg(tmp_path, dataset="FB15K_YAGO15K"))
+    d = tmp_path / "out" / "FB15K_YAGO15K"
+
+    order = list(dict.fromkeys(e for h, _, t in YG_COMPLETE_TRIPLES for e in (h, t)))  # first appearance
+    assert order != sorted(order)  # the fixture is not in sorted order, so the ids below test the file's order
+    n1 = 7  # /m/bardem /m/cruz /m/nocountry /m/ahmedabad /m/india /m/kansas /m/topeka
+    assert read_rows(d / "ent_ids_2") == [[str(n1 + i), YG.format(e)] for i, e in enumerate(order)]
+    yid = {e: n1 + i for i, e in enumerate(order)}
+    rels = list(dict.fromkeys(r for _, r, _ in YG_COMPLETE_TRIPLES))
+    n_rel1 = 4
+    assert read_rows(d / "triples_2") == [
+        [str(yid[h]), str(n_rel1 + rels.index(r)), str(yid[t])] for h, r, t in YG_COMPLETE_TRIPLES
+    ]
+    assert [row[1] for row in read_rows(d / "ill_ent_ids")] == [str(yid[yg]) for _, yg in YG_COMPLETE_LINKS]
+
+    k1, k2 = stats["kgs"]
+    assert (k2["entities"], k2["entities_in_triples"], k2["isolated_linked_entities"]) == (len(order), len(order), 0)
+    assert (k1["entities"], k1["isolated_linked_entities"]) == (n1, 0)
+    assert (k2["relations"], k2["triples"], k2["unique_triples"]) == (len(rels), 7, 7)
+    assert stats["links"]["links"] == stats["links"]["links_both_ends_in_triples"] == 5
+    assert (k2["attribute_triples"], k2["duplicate_attribute_triples"], k2["attribute_triples_dropped"]) == (8, 2, 0)
+    assert (k2["distinct_attributes"], k2["entities_with_attributes"]) == (4, 5)
+    # coordinates and the YYYY.MMDD date read as numbers; ISO dates and `##` dates as text
+    assert (k2["numeric_values"], k2["text_values"]) == (5, 3)
+
+    # values exactly as in the raw file, repeated lines kept in raw-file order
+    assert read_rows(d / "attr_triples_2") == [[str(yid[e]), YG.format(a), v] for e, a, v in YG_COMPLETE_ATTRS]
+    # training_attrs: each attribute once per entity, entities in id order
+    assert read_rows(d / "training_attrs_2") == [
+        [YG.format("Javier_Bardem"), YG.format("wasBornOnDate")],
+        [YG.format("Ahmedabad"), YG.format("hasLatitude"), YG.format("hasLongitude")],
+        [YG.format("Kansas"), YG.format("wasCreatedOnDate")],
+        [YG.format("Topeka,_Kansas"), YG.format("wasCreatedOnDate")],
+        [YG.format("Spain"), YG.format("hasLatitude")],
+    ]
+    # the attribute text these files give: values verbatim, repeats once, no entity name
+    pairs: dict[int, list[tuple[str, str]]] = {}
+    for e, a, v in read_rows(d / "attr_triples_2"):
+        pairs.setdefault(int(e), []).append((a, v))
+    sentences = text_features.attribute_sentences(pairs)
+    assert sentences[yid["Kansas"]] == "was created on date is 1861-##-##"
+    assert sentences[yid["Javier_Bardem"]] == "was born on date is 1969-03-01"
+    assert sentences[yid["Ahmedabad"]] == "has latitude is 23.03, has longitude is 72.58"
+    # the loader's attribute bag-of-words: one binary column per distinct attribute name of both KGs
+    # (5 here: FB15K's latitude and YAGO's 4), not padded to 1,000
+    data = load_dataset(d)
+    bow = data.features["attr_bow"]
+    assert bow.shape == (n1 + len(order), 5) and set(np.unique(bow)) == {0.0, 1.0}
+    assert bow[yid["Ahmedabad"]].sum() == 2 and bow[yid["Javier_Bardem"]].sum() == 1
+
+
 @pytest.mark.parametrize(
     "file, line, expected, got",
     [
@@ -350,6 +458,47 @@ def test_real_fb15k_db15k(tmp_path):
         ("triples_2", 99_028),
         ("ill_ent_ids", 12_846),
         ("rel_names", 1_624),
+    ]:
+        with open(d / name, encoding="utf-8") as f:
+            assert sum(1 for _ in f) == n, name
+
+
+@pytest.mark.skipif(not (REAL_MMKB / "YAGO15K").is_dir(), reason=f"raw YAGO15K files not found at {REAL_MMKB}")
+def test_real_fb15k_yago15k(tmp_path):
+    """The raw FB15K/YAGO15K (about 5 s with --no_text). The YAGO15K entity-triple file in ../shared is
+    PARTIAL: 70,414 of MMKB's 122,886 triples (57%), hence 747 linked YAGO entities in no triple and 29
+    attribute triples whose entity is in neither a triple nor a link; links and attributes are complete."""
+    stats = build(BuildConfig(mmkb=REAL_MMKB, dataset="FB15K_YAGO15K", out=tmp_path, no_text=True))
+    k1, k2 = stats["kgs"]
+    assert (k1["entities"], k1["entities_in_triples"], k1["isolated_linked_entities"]) == (14_951, 14_951, 0)
+    assert (k2["entities"], k2["entities_in_triples"], k2["isolated_linked_entities"]) == (15_371, 14_624, 747)
+    assert (k1["triples"], k2["triples"]) == (592_213, 70_414)  # YAGO15K: 57% of MMKB's 122,886
+    assert (k1["unique_triples"], k2["unique_triples"]) == (592_213, 70_414)
+    assert (k1["relations"], k2["relations"]) == (1_345, 32)
+    assert (k1["attribute_triples"], k2["attribute_triples"]) == (29_395, 23_503)
+    assert (k1["attribute_triples_dropped"], k2["attribute_triples_dropped"]) == (0, 29)
+    assert (k1["distinct_attributes"], k2["distinct_attributes"]) == (116, 7)
+    assert (k1["entities_with_attributes"], k2["entities_with_attributes"]) == (12_493, 15_057)
+    # YAGO dates are partly YYYY.MMDD decimals (`1997.1012`), counted as numbers with the coordinates
+    assert (k2["numeric_values"], k2["text_values"]) == (13_685, 9_818)
+    assert stats["links"] == {
+        "links": 11_199,
+        "unique_links": 11_199,
+        "duplicate_links": 0,
+        "links_both_ends_in_triples": 10_452,
+        "kg1_entities_linked_more_than_once": 0,
+        "kg2_entities_linked_more_than_once": 0,
+    }
+    d = tmp_path / "FB15K_YAGO15K"
+    for name, n in [
+        ("ent_ids_1", 14_951),
+        ("ent_ids_2", 15_371),
+        ("triples_1", 592_213),
+        ("triples_2", 70_414),
+        ("ill_ent_ids", 11_199),
+        ("rel_names", 1_377),
+        ("training_attrs_2", 15_057),
+        ("attr_triples_2", 23_503),
     ]:
         with open(d / name, encoding="utf-8") as f:
             assert sum(1 for _ in f) == n, name
