@@ -14,6 +14,7 @@ entities, with names; these four not with --no-save_outputs) and, last, results.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime
 import importlib.metadata
@@ -620,23 +621,39 @@ def modality_hits(model: HUMEA, inputs: ModelInputs, samples: dict[str, np.ndarr
             for name, pairs in samples.items()}
 
 
-# A training loss this many times the previous evaluation's is a spike: the most a loss rose between two
-# evaluations in the 1000-epoch FB15K-DB15K runs without one is x1.03; seed 43's spike was x1.43.
+# A training loss per pair this many times the previous evaluation's is a spike: the most a loss rose between
+# two evaluations in the 1000-epoch FB15K-DB15K runs without one is x1.03; seed 43's spike was x1.43.
 LOSS_SPIKE = 1.2
+
+
+def loss_per_pair(record: dict) -> float | None:
+    """A record's training loss divided by the pairs it was summed over (records before the pair count
+    was kept give the sum, as they were compared then)."""
+    if "loss" not in record:
+        return None
+    return record["loss"] / record["train_pairs"] if record.get("train_pairs") else record["loss"]
 
 
 def loss_spike_warning(previous: dict | None, record: dict) -> str | None:
     """The warning for a training loss that jumped since the previous evaluation (a late spike gives no
-    NaN and collapses no modality, so nothing else in the log would show it), or None."""
-    if not previous or "loss" not in previous or "loss" not in record or previous["loss"] <= 0:
+    NaN and collapses no modality, so nothing else in the log would show it), or None.
+
+    The loss is the sum over the epoch's training pairs, so it is compared per pair, and only between
+    two evaluations on the same pairs: a pseudo-label step or the curriculum's regrouping between them
+    changes what it measures (iterative training's first step more than tripled the sum)."""
+    if not previous or previous.get("pair_version") != record.get("pair_version"):
         return None
-    ratio = record["loss"] / previous["loss"]
+    before, now = loss_per_pair(previous), loss_per_pair(record)
+    if before is None or now is None or before <= 0:
+        return None
+    ratio = now / before
     if ratio <= LOSS_SPIKE:
         return None
     return (f"the training loss rose from {previous['loss']:.4g} at epoch {previous['epoch']} to {record['loss']:.4g} "
-            f"(x{ratio:.2f} > x{LOSS_SPIKE}): a loss spike; later evaluations may be worse than earlier ones "
-            "(docs/accuracy.md, 'Late loss spikes': the one traced started in the entity table, which "
-            "--entity_lr slows; --val_ratio with --early_stop keeps the best-validation model)")
+            f"(x{ratio:.2f} per training pair > x{LOSS_SPIKE}): a loss spike; later evaluations may be worse than "
+            "earlier ones (docs/accuracy.md, 'Late loss spikes': the ones traced started in the entity table, "
+            "which --entity_lr slows and --spike_guard rolls back; --val_ratio with --early_stop keeps the "
+            "best-validation model)")
 
 
 def health_warnings(health: dict) -> list[str]:
@@ -665,6 +682,97 @@ def pair_overlap(pairs: np.ndarray, reference: np.ndarray) -> int:
         return 0
     ref = {(int(a), int(b)) for a, b in reference}
     return sum((int(a), int(b)) in ref for a, b in pairs)
+
+
+# ---------------------------------------------------------------------------------------------
+# The spike guard: a loss spike is rolled back, and the run goes on with a lower rate for the entity table.
+# ---------------------------------------------------------------------------------------------
+
+# Each rollback multiplies the rate again; after this many the guard only warns (a spike that comes back
+# at 1/16 of the rate is not the instability that a lower rate cures).
+GUARD_MAX_ROLLBACKS = 4
+
+
+def entity_group_layout(opt: torch.optim.Optimizer, model: HUMEA, split: bool) -> None:
+    """Arrange the AdamW groups as one group of every parameter, or (``split``) every other parameter and
+    the entity table on its own, the layout --entity_lr starts with, so that the table can get a rate of
+    its own. A parameter's AdamW state is keyed by the parameter and stays; a new table group starts with
+    the settings (the rate included) of the group it leaves, so the next step is the same either way."""
+    table = entity_table(model)
+    if table is None or (len(opt.param_groups) == 2) == split:
+        return
+    settings = {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+    if split:
+        opt.param_groups = [{**settings, "params": [p for p in model.parameters() if p is not table]},
+                            {**settings, "params": [table]}]
+    else:
+        opt.param_groups = [{**settings, "params": list(model.parameters())}]
+
+
+class SpikeGuard:
+    """--spike_guard: watch every epoch's training loss per pair; on a spike, go back to the last good
+    state and go on with a lower rate for the entity table (docs/accuracy.md, "Late loss spikes": both
+    traced spikes started in the table's hub rows, and half the table's rate from the epoch-550
+    checkpoint removed each).
+
+    The last good state is kept in memory at every evaluation and every saved checkpoint, after the
+    check of that epoch. A spike is an epoch whose loss per pair is more than ``threshold`` times the
+    lowest since then on the same pairs (``pair_version``: a pseudo-label step or the curriculum's
+    regrouping starts a new reference). The rollback restores the parameters, both optimisers, the RNGs,
+    the history and the pseudo pairs; the wall time and the list of rollbacks go on."""
+
+    def __init__(self, threshold: float, lr_factor: float):
+        self.threshold, self.lr_factor = threshold, lr_factor
+        self.kept: dict | None = None
+        self.reference: tuple[int, float] | None = None  # (pair_version, lowest loss per pair since kept)
+        self.rise = 1.0  # the largest loss per pair over the reference since the last evaluation
+
+    def keep(self, s: Session, epoch: int) -> None:
+        self.kept = copy.deepcopy(s.snapshot(epoch))
+
+    def spike(self, epoch_loss: float, pairs: int, version: int) -> float | None:
+        """The epoch's ratio to the reference when it is a spike, else None (and the reference moves)."""
+        per_pair = epoch_loss / pairs
+        if self.reference is None or self.reference[0] != version:
+            self.reference = (version, per_pair)
+            return None
+        ratio = per_pair / self.reference[1]
+        self.rise = max(self.rise, ratio)
+        if ratio > self.threshold and self.kept is not None:
+            return ratio
+        self.reference = (version, min(self.reference[1], per_pair))
+        return None
+
+    def roll_back(self, s: Session, epoch: int, ratio: float) -> int:
+        """Return to the kept state with the remedy applied; the epoch to continue after."""
+        kept, table = self.kept, entity_table(s.model)
+        # The rates in force now (lowered by earlier rollbacks), times the factor. The table's group is
+        # the last one in either layout.
+        rates = [g["lr"] * self.lr_factor for g in s.opt.param_groups]
+        entity_group_layout(s.opt, s.model, split=len(kept["opt"]["param_groups"]) == 2)
+        restore(copy.deepcopy(kept), s.model, s.club, s.opt, s.q_opt, s.gen)  # kept stays as it was
+        for key in ("history", "pseudo_pairs", "pseudo_steps", "curriculum", "best_model", "stopped",
+                    "pair_version"):
+            s.state[key] = copy.deepcopy(kept[key])
+        if table is not None:
+            entity_group_layout(s.opt, s.model, split=True)
+            s.opt.param_groups[-1]["lr"] = rates[-1]
+            remedy = f"entity table's learning rate at {rates[-1]:.4g}"
+        else:
+            for group, lr in zip(s.opt.param_groups, rates):
+                group["lr"] = lr
+            remedy = f"learning rate at {', '.join(f'{lr:.4g}' for lr in rates)} (no entity table: every parameter)"
+        event = {"epoch": epoch, "loss_ratio": round(ratio, 4), "rolled_back_to": kept["epoch"], "remedy": remedy}
+        s.state["guard"].append(event)
+        s.log.warning(f"WARNING epoch {epoch}: the training loss per pair rose x{ratio:.2f} over its lowest since "
+                      f"epoch {kept['epoch']} (> x{self.threshold}, --spike_guard): rolled back to epoch "
+                      f"{kept['epoch']}, going on with the {remedy} (rollback {len(s.state['guard'])} of at most "
+                      f"{GUARD_MAX_ROLLBACKS})")
+        self.reference, self.rise = None, 1.0  # as they were when the state was kept
+        return kept["epoch"]
+
+    def exhausted(self, s: Session) -> bool:
+        return len(s.state["guard"]) >= GUARD_MAX_ROLLBACKS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -844,14 +952,17 @@ def set_up(cfg: Config, run: Path | None, ckpt: dict | None) -> Session:
     state = {"history": [], "pseudo_pairs": np.zeros((0, 2), dtype=np.int64), "pseudo_steps": [],
              "config": cfg.to_dict(), "seconds": 0.0, "curriculum": None,
              "provenance": provenance(device, data_root),
-             "best_model": None, "stopped": None}  # --early_stop: the best-validation weights, the stop epoch
+             "best_model": None, "stopped": None,  # --early_stop: the best-validation weights, the stop epoch
+             "pair_version": 0, "guard": []}  # what the training pairs are (see epoch_pairs); --spike_guard's rollbacks
     start = 0
     if ckpt is not None:
+        entity_group_layout(opt, model, split=len(ckpt["opt"]["param_groups"]) == 2)  # after a rollback: 2
         restore(ckpt, model, club, opt, q_opt, gen)
         start = ckpt["epoch"]
         state.update(history=ckpt["history"], pseudo_pairs=ckpt["pseudo_pairs"], seconds=ckpt["seconds"],
                      pseudo_steps=ckpt.get("pseudo_steps", []), curriculum=ckpt.get("curriculum"),
-                     best_model=ckpt.get("best_model"), stopped=ckpt.get("stopped"))
+                     best_model=ckpt.get("best_model"), stopped=ckpt.get("stopped"),
+                     pair_version=ckpt.get("pair_version", 0), guard=ckpt.get("guard", []))
         first = ckpt.get("provenance") or {}
         state["provenance"].update(started=first.get("started"), resumed=[
             *first.get("resumed", []), {"epoch": start, "at": state["provenance"]["started"]}])
@@ -907,8 +1018,11 @@ def epoch_pairs(s: Session, epoch: int) -> tuple[np.ndarray, bool]:
     or during the official curriculum (--curriculum) its neighbour groups, in order."""
     current = np.concatenate([s.train_pairs, s.state["pseudo_pairs"]])
     if not (s.cfg.curriculum and epoch <= CURRICULUM_EPOCHS):
+        if s.cfg.curriculum and epoch == CURRICULUM_EPOCHS + 1:
+            s.state["pair_version"] += 1  # from the curriculum's groups back to the pairs themselves
         return current, True
     if (epoch - 1) % CURRICULUM_EVERY == 0 or s.state["curriculum"] is None:
+        s.state["pair_version"] += 1
         k = CURRICULUM_K - (epoch - 1) // CURRICULUM_EVERY
         s.state["curriculum"] = curriculum_pairs(s.model, s.inputs, current, k, s.gen, s.cfg.eval_chunk)
         s.log.info(kv(epoch=epoch, curriculum_k=k, curriculum_pairs=len(s.state["curriculum"])))
@@ -919,6 +1033,7 @@ def add_pseudo_labels(s: Session, epoch: int, current: np.ndarray) -> None:
     """Iterative training's step: new mutual nearest neighbours become training pairs."""
     new = pseudo_label_step(s.model, s.inputs, s.data, current, s.cfg)
     s.state["pseudo_pairs"] = np.concatenate([s.state["pseudo_pairs"], new])
+    s.state["pair_version"] += 1
     correct = pair_overlap(new, s.data.links)
     s.state["pseudo_steps"].append({"epoch": epoch, "new": len(new), "correct": correct})  # for reports
     s.log.info(kv(epoch=epoch, pseudo_new=len(new), pseudo_total=len(s.state["pseudo_pairs"]),
@@ -940,7 +1055,12 @@ def epoch_loop(s: Session) -> None:
         s.tic = time.perf_counter()
     progress = Progress(s.start, cfg.total_epochs)
     peak_grad = 0.0  # the largest gradient norm since the last evaluation
-    for epoch in range(s.start + 1, cfg.total_epochs + 1):  # the number of this epoch, and of epochs done at its end
+    guard = SpikeGuard(cfg.spike_guard, cfg.spike_guard_lr) if cfg.spike_guard else None
+    if guard:
+        guard.keep(s, s.start)
+    epoch = s.start  # epochs done
+    while epoch < cfg.total_epochs:
+        epoch += 1  # the number of this epoch, and of epochs done at its end
         current, shuffle = epoch_pairs(s, epoch)
         try:
             terms = train_epoch(s.model, s.club, s.inputs, current, cfg, s.gen, s.opt, s.q_opt, epoch, shuffle=shuffle)
@@ -948,11 +1068,19 @@ def epoch_loop(s: Session) -> None:
             fault = numerical_fault(e, s.run, s.saved_epoch, cfg)
             s.log.error(f"stopping: {fault}")
             raise fault from None
+        terms.update(train_pairs=len(current), pair_version=state["pair_version"])  # what the loss was summed over
+        if guard and epoch >= cfg.spike_guard_from and not guard.exhausted(s):
+            ratio = guard.spike(terms["loss"], len(current), state["pair_version"])
+            if ratio is not None:
+                epoch, peak_grad = guard.roll_back(s, epoch, ratio), 0.0
+                continue
         if cfg.il and epoch > il_start and (epoch - il_start) % cfg.il_step == 0:
             add_pseudo_labels(s, epoch, current)
         peak_grad = max(peak_grad, terms["grad_norm"])
-        if epoch % cfg.check_point == 0 or epoch == cfg.total_epochs:
-            checkpoint_record(s, epoch, {**terms, "grad_norm_max": peak_grad}, sample, pair_samples)
+        evaluated = epoch % cfg.check_point == 0 or epoch == cfg.total_epochs
+        if evaluated:
+            extra = {"grad_norm_max": peak_grad, **({"loss_rise_max": guard.rise} if guard else {})}
+            checkpoint_record(s, epoch, {**terms, **extra}, sample, pair_samples)
             peak_grad = 0.0
             key = VALID_KEYS[cfg.valid_pool]
             if cfg.early_stop and stale_evaluations(state["history"], key) >= cfg.early_stop:
@@ -962,10 +1090,14 @@ def epoch_loop(s: Session) -> None:
                 break
         last_h1 = state["history"][-1]["test"]["avg"]["hits@1"] if state["history"] else float("nan")
         progress.update(epoch, terms["loss"], last_h1)
-        if cfg.save_every and epoch % cfg.save_every == 0 and epoch < cfg.total_epochs:
+        saved = cfg.save_every and epoch % cfg.save_every == 0 and epoch < cfg.total_epochs
+        if saved:
             s.add_elapsed()
             atomic_torch_save(s.run / "checkpoint.pt", s.snapshot(epoch))
             s.saved_epoch = epoch
+        if guard and (evaluated or saved):
+            guard.keep(s, epoch)
+            guard.rise = 1.0
     progress.close()
     s.add_elapsed()
 
@@ -987,6 +1119,8 @@ def finish(s: Session) -> dict:
              "pairs": {"train": len(s.train_pairs), "valid": len(s.split.valid), "test": len(s.split.test),
                        "pseudo": len(state["pseudo_pairs"])},
              **({"pseudo_steps": state["pseudo_steps"]} if cfg.il else {}),
+             "spike_guard": {"threshold": cfg.spike_guard, "lr_factor": cfg.spike_guard_lr,
+                             "rollbacks": state["guard"]},
              "train_seconds": round(state["seconds"], 2),
              "seconds_per_epoch": round(state["seconds"] / max(done, 1), 4),
              "data_notes": s.data.notes, **({"train_ill": s.leak} if s.leak else {})}

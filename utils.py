@@ -143,6 +143,17 @@ class Config:
     grad_clip: float = _flag(0.0, "rescale the model's gradient to at most this global L2 norm before each "
                                   "step (0 = no clipping, as the paper and the official code); the norm "
                                   "before clipping is logged as grad_norm either way")
+    spike_guard: float = _flag(1.2, "roll back a loss spike: when an epoch's training loss per training pair is "
+                                    "more than this many times its lowest since the last evaluation (on the same "
+                                    "pairs), the run returns to its state at that evaluation and goes on with the "
+                                    "entity table's learning rate times --spike_guard_lr (0 = off; "
+                                    "docs/reliability.md, 'Loss spikes')")
+    spike_guard_from: int = _flag(100, "the epoch from which --spike_guard watches (in the first epochs the loss "
+                                       "per pair can rise x1.1 between two epochs while the router and the experts "
+                                       "settle, measured on the small synthetic pair; the spikes seen came after "
+                                       "epoch 500)")
+    spike_guard_lr: float = _flag(0.5, "what each rollback of --spike_guard multiplies the learning rate of the "
+                                       "entity table by (of every parameter when the graph is off), in (0, 1]")
     dropout: float = _flag(0.0, "dropout on the GAT layer inputs, in [0, 1)")
     attn_dropout: float = _flag(0.0, "dropout on the GAT attention coefficients, in [0, 1)")
     n_exp: int = _flag(5, "experts per modality K (Eq. 6)")
@@ -269,9 +280,14 @@ class Config:
             if getattr(self, name) < 1:
                 raise DataError(f"--{name} must be >= 1, got {getattr(self, name)}")
         for name in ("save_every", "il_epochs", "fusion_weight_dim", "router_balance", "grad_clip", "early_stop",
+                     "spike_guard_from",
                      "entity_lr"):
             if getattr(self, name) < 0:
                 raise DataError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if self.spike_guard and not 1.0 < self.spike_guard < math.inf:
+            raise DataError(f"--spike_guard must be 0 (off) or a ratio above 1, got {self.spike_guard}")
+        if not 0.0 < self.spike_guard_lr <= 1.0:
+            raise DataError(f"--spike_guard_lr must be in (0, 1], got {self.spike_guard_lr}")
         if self.early_stop and not self.val_ratio:
             raise DataError(f"--early_stop {self.early_stop} needs a validation split to watch: give --val_ratio > 0")
         if self.early_stop and self.il:
