@@ -665,15 +665,24 @@ def health_warnings(health: dict) -> list[str]:
 
 
 def pseudo_label_step(model: HUMEA, inputs: ModelInputs, data: MMKG, train_pairs: np.ndarray, cfg: Config):
-    """Iterative training: mutual CSLS nearest neighbours among the entities that are in no
-    training pair yet. Uses no label; the gold links are read only to report precision."""
+    """Iterative training: mutual CSLS nearest neighbours among the entities that are in none of
+    ``train_pairs``, with a CSLS margin of at least --il_margin. Uses no label; the gold links are read
+    only to report precision."""
     aligned = np.zeros(data.num_entities, dtype=bool)
     aligned[train_pairs.ravel()] = True
     left = np.nonzero((data.kg == 0) & ~aligned)[0]
     right = np.nonzero((data.kg == 1) & ~aligned)[0]
     release_free_heap()
     emb = model.embed(np.concatenate([left, right]), inputs).fused
-    return mutual_nearest_pairs(emb[:len(left)], emb[len(left):], left, right, cfg.csls_k, cfg.eval_chunk)
+    pairs, margins = mutual_nearest_pairs(emb[:len(left)], emb[len(left):], left, right, cfg.csls_k, cfg.eval_chunk,
+                                          with_margins=True)
+    return pairs[margins >= cfg.il_margin] if cfg.il_margin else pairs
+
+
+def rows_in(pairs: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """For each row of ``pairs``, whether it is also a row of ``reference`` (P,) bool."""
+    ref = {(int(a), int(b)) for a, b in reference}
+    return np.array([(int(a), int(b)) in ref for a, b in pairs], dtype=bool)
 
 
 def pair_overlap(pairs: np.ndarray, reference: np.ndarray) -> int:
@@ -932,7 +941,7 @@ def set_up(cfg: Config, run: Path | None, ckpt: dict | None) -> Session:
     """Load and split the data, build the model, restore the checkpoint when resuming. Nothing is
     written yet: a run that fails on bad input creates no folder and touches no file."""
     data_root = dataset_dir(cfg)
-    if ckpt is None:
+    if run is None:  # a new run (from scratch, or --branch_from a checkpoint)
         run = run_folder(cfg, data_root)
         refuse_existing_run(run)  # before anything is written
     log = get_logger(None)
@@ -957,16 +966,25 @@ def set_up(cfg: Config, run: Path | None, ckpt: dict | None) -> Session:
     start = 0
     if ckpt is not None:
         entity_group_layout(opt, model, split=len(ckpt["opt"]["param_groups"]) == 2)  # after a rollback: 2
-        restore(ckpt, model, club, opt, q_opt, gen)
+        try:
+            restore(ckpt, model, club, opt, q_opt, gen)
+        except (RuntimeError, ValueError, KeyError) as e:  # only --branch_from can give other flags here
+            raise DataError(f"--branch_from {cfg.branch_from}: the checkpoint's model does not fit the flags given "
+                            f"(a flag that shapes the model differs from the checkpoint's): {e}") from None
         start = ckpt["epoch"]
         state.update(history=ckpt["history"], pseudo_pairs=ckpt["pseudo_pairs"], seconds=ckpt["seconds"],
                      pseudo_steps=ckpt.get("pseudo_steps", []), curriculum=ckpt.get("curriculum"),
                      best_model=ckpt.get("best_model"), stopped=ckpt.get("stopped"),
                      pair_version=ckpt.get("pair_version", 0), guard=ckpt.get("guard", []))
         first = ckpt.get("provenance") or {}
-        state["provenance"].update(started=first.get("started"), resumed=[
-            *first.get("resumed", []), {"epoch": start, "at": state["provenance"]["started"]}])
-        log.info(kv(resumed_from=str(run), epoch=start, pseudo_pairs=len(state["pseudo_pairs"])))
+        if not cfg.branch_from or cfg.resume:
+            state["provenance"].update(started=first.get("started"), resumed=[
+                *first.get("resumed", []), {"epoch": start, "at": state["provenance"]["started"]}])
+            log.info(kv(resumed_from=str(run), epoch=start, pseudo_pairs=len(state["pseudo_pairs"])))
+        else:
+            state["provenance"]["branched_from"] = {"checkpoint": cfg.branch_from, "epoch": start,
+                                                    "commit": first.get("commit")}
+            log.info(kv(branched_from=cfg.branch_from, epoch=start, pseudo_pairs=len(state["pseudo_pairs"])))
     return Session(cfg, run, log, early, data_root, data, split, train_pairs, leak, inputs, model, club, opt, q_opt,
                    gen, state, start, saved_epoch=start or None)
 
@@ -1029,15 +1047,26 @@ def epoch_pairs(s: Session, epoch: int) -> tuple[np.ndarray, bool]:
     return s.state["curriculum"], False
 
 
-def add_pseudo_labels(s: Session, epoch: int, current: np.ndarray) -> None:
-    """Iterative training's step: new mutual nearest neighbours become training pairs."""
-    new = pseudo_label_step(s.model, s.inputs, s.data, current, s.cfg)
-    s.state["pseudo_pairs"] = np.concatenate([s.state["pseudo_pairs"], new])
+def add_pseudo_labels(s: Session, epoch: int) -> None:
+    """Iterative training's step (--il_select): new mutual nearest neighbours join the pseudo pairs, or
+    the pseudo pairs are chosen anew among every entity outside the seed pairs. The gold links are read
+    only for the log's and results.json's precision."""
+    old = s.state["pseudo_pairs"]
+    if s.cfg.il_select == "reselect":
+        pseudo = pseudo_label_step(s.model, s.inputs, s.data, s.train_pairs, s.cfg)
+        new = pseudo[~rows_in(pseudo, old)]
+    else:
+        new = pseudo_label_step(s.model, s.inputs, s.data, np.concatenate([s.train_pairs, old]), s.cfg)
+        pseudo = np.concatenate([old, new])
+    s.state["pseudo_pairs"] = pseudo
     s.state["pair_version"] += 1
-    correct = pair_overlap(new, s.data.links)
-    s.state["pseudo_steps"].append({"epoch": epoch, "new": len(new), "correct": correct})  # for reports
-    s.log.info(kv(epoch=epoch, pseudo_new=len(new), pseudo_total=len(s.state["pseudo_pairs"]),
-                  pseudo_new_precision=correct / max(len(new), 1)))
+    step = {"epoch": epoch, "new": len(new), "correct": pair_overlap(new, s.data.links),
+            "dropped": len(old) - (len(pseudo) - len(new)), "total": len(pseudo),
+            "total_correct": pair_overlap(pseudo, s.data.links)}
+    s.state["pseudo_steps"].append(step)  # for reports
+    s.log.info(kv(epoch=epoch, pseudo_new=step["new"], pseudo_new_precision=step["correct"] / max(step["new"], 1),
+                  pseudo_dropped=step["dropped"], pseudo_total=step["total"],
+                  pseudo_precision=step["total_correct"] / max(step["total"], 1)))
 
 
 def epoch_loop(s: Session) -> None:
@@ -1075,7 +1104,7 @@ def epoch_loop(s: Session) -> None:
                 epoch, peak_grad = guard.roll_back(s, epoch, ratio), 0.0
                 continue
         if cfg.il and epoch > il_start and (epoch - il_start) % cfg.il_step == 0:
-            add_pseudo_labels(s, epoch, current)
+            add_pseudo_labels(s, epoch)
         peak_grad = max(peak_grad, terms["grad_norm"])
         evaluated = epoch % cfg.check_point == 0 or epoch == cfg.total_epochs
         if evaluated:
@@ -1137,6 +1166,20 @@ def finish(s: Session) -> dict:
     return results
 
 
+def branch_checkpoint(cfg: Config) -> dict:
+    """--branch_from: the checkpoint a new run starts from (a run folder's checkpoint.pt, or a file)."""
+    path = Path(cfg.branch_from)
+    path = path / "checkpoint.pt" if path.is_dir() else path
+    if not path.is_file():
+        raise DataError(f"--branch_from {cfg.branch_from}: no checkpoint there (a run folder with checkpoint.pt, "
+                        "or a checkpoint file)")
+    ckpt = read_checkpoint(path)
+    if ckpt["epoch"] >= cfg.total_epochs:
+        raise DataError(f"--branch_from {cfg.branch_from}: the checkpoint has done {ckpt['epoch']} epochs, and "
+                        f"this run is {cfg.total_epochs} epochs long: nothing would be trained")
+    return ckpt
+
+
 def main(cfg: Config, eval_only: bool = False, extend_to: int = 0) -> dict:
     """One run: set up or resume, the epoch loop, finish. With ``eval_only`` (and --resume): evaluate
     the checkpoint on the test pairs and write nothing. With ``extend_to`` (and --resume): train the
@@ -1156,6 +1199,8 @@ def main(cfg: Config, eval_only: bool = False, extend_to: int = 0) -> dict:
     elif eval_only or extend_to:
         raise DataError(f"--{'eval_only' if eval_only else 'extend_to'} needs --resume <run folder>: the run "
                         "whose checkpoint to use")
+    elif cfg.branch_from:
+        ckpt = branch_checkpoint(cfg)
     s = set_up(cfg, run, ckpt)
     if eval_only:
         res = evaluate(s.model, s.inputs, s.split.test, cfg)

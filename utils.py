@@ -175,6 +175,15 @@ class Config:
     il_start: int = _flag(-1, "epoch at which iterative training starts (-1 = after --epochs)")
     il_epochs: int = _flag(500, "extra epochs of iterative training after --epochs (the paper's +500)")
     il_step: int = _flag(10, "epochs between two pseudo-label updates")
+    il_select: str = _flag("accumulate", "what a pseudo-label update does: accumulate (the mutual nearest "
+                                         "neighbours among the entities in no pair yet join the pseudo pairs, "
+                                         "which keep every pair once added) or reselect (the pseudo pairs become "
+                                         "the mutual nearest neighbours among every entity outside the seed "
+                                         "pairs: a pair that is no longer mutual leaves)",
+                           choices=("accumulate", "reselect"))
+    il_margin: float = _flag(0.0, "keep a mutual nearest pair only if its CSLS score is at least this far above "
+                                  "the runner-up's in both directions (CSLS units, 2 cos - r_l - r_r; 0 = every "
+                                  "mutual pair)")
     device: str = _flag("cuda" if torch.cuda.is_available() else "cpu",
                         "torch device, e.g. cpu, cuda, cuda:1; the default is cuda on a machine with CUDA, else "
                         "cpu (on this machine: %(default)s)")
@@ -185,6 +194,10 @@ class Config:
                                      "predictions.tsv at the end (--no-save_outputs: only config.json, log.txt, "
                                      "metrics.jsonl, checkpoint.pt and results.json, e.g. for sweeps)", boolean=True)
     resume: str = _flag("", "run folder to resume from its last checkpoint")
+    branch_from: str = _flag("", "start a new run from another run's checkpoint (its folder, or a copy of a "
+                                 "checkpoint.pt): its weights, optimiser and RNG states, epochs done and "
+                                 "evaluations, trained on with the flags given here (those that shape the model "
+                                 "must match), e.g. iterative training after the epoch-100 checkpoint of a run")
     eval_chunk: int = _flag(4096, "query rows per block of the evaluation's cosine matrix; the matrix "
                                     "is kept whole up to 2^28 entries (1 GiB), larger ones use O(chunk x C)")
     amp: str = _flag("none", "mixed precision of the expert and router matmuls: none (float32) or bf16 "
@@ -280,7 +293,7 @@ class Config:
             if getattr(self, name) < 1:
                 raise DataError(f"--{name} must be >= 1, got {getattr(self, name)}")
         for name in ("save_every", "il_epochs", "fusion_weight_dim", "router_balance", "grad_clip", "early_stop",
-                     "spike_guard_from",
+                     "spike_guard_from", "il_margin",
                      "entity_lr"):
             if getattr(self, name) < 0:
                 raise DataError(f"--{name} must be >= 0, got {getattr(self, name)}")
@@ -584,13 +597,18 @@ def evaluate_alignment(emb: torch.Tensor, pairs: np.ndarray, ids: np.ndarray | N
 
 @torch.no_grad()
 def mutual_nearest_pairs(left_emb: torch.Tensor, right_emb: torch.Tensor, left_ids: np.ndarray,
-                         right_ids: np.ndarray, csls_k: int = 3, chunk: int = 4096) -> np.ndarray:
+                         right_ids: np.ndarray, csls_k: int = 3, chunk: int = 4096, with_margins: bool = False):
     """Pairs (l, r) such that r is l's best CSLS match among right_ids and l is r's best match
     among left_ids: the pseudo-labels of iterative training. left_emb / right_emb: (L, D) /
     (R, D) rows of left_ids / right_ids. Returns (P, 2) entity ids. One cosine matrix serves
-    both r terms and both directions, as in evaluate_alignment."""
+    both r terms and both directions, as in evaluate_alignment.
+
+    ``with_margins`` also returns each pair's margin (P,): how far its CSLS score (2 cos - r_l - r_r)
+    is above the runner-up's, in the worse of the two directions (l's second-best right entity, r's
+    second-best left entity); +inf where there is no runner-up."""
     if len(left_ids) == 0 or len(right_ids) == 0:
-        return np.zeros((0, 2), dtype=np.int64)
+        empty = np.zeros((0, 2), dtype=np.int64)
+        return (empty, np.zeros(0)) if with_margins else empty
     dev = left_emb.device
     left = torch.nn.functional.normalize(left_emb.float(), dim=-1)
     right = torch.nn.functional.normalize(right_emb.float(), dim=-1)
@@ -601,12 +619,29 @@ def mutual_nearest_pairs(left_emb: torch.Tensor, right_emb: torch.Tensor, left_i
     best_r = torch.empty(len(left_ids), dtype=torch.long, device=dev)
     best_l = torch.zeros(len(right_ids), dtype=torch.long, device=dev)
     best_l_key = torch.full((len(right_ids),), -torch.inf, device=dev)
+    # Half a CSLS score, less a constant of the row (of the column): differences are half CSLS differences.
+    row_gap = torch.full((len(left_ids),), torch.inf, device=dev)
+    second_l_key = torch.full((len(right_ids),), -torch.inf, device=dev)
     for sl, s in sim.slices():
-        best_r[sl] = (s - half_r_right).argmax(1)
+        row_key = s - half_r_right  # (rows, R)
+        best_r[sl] = row_key.argmax(1)
         key, row = (s - half_r_left[sl, None]).max(0)  # (R,): best left row of this slice per column
+        if with_margins:
+            if row_key.shape[1] > 1:
+                top = row_key.topk(2, dim=1).values
+                row_gap[sl] = top[:, 0] - top[:, 1]
+            col_key = s - half_r_left[sl, None]
+            runner = col_key.topk(2, dim=0).values[1] if col_key.shape[0] > 1 else torch.full_like(key, -torch.inf)
+            # The two best of {best so far, second so far, this slice's best, its runner-up}.
+            second_l_key = torch.maximum(torch.minimum(best_l_key, key), torch.maximum(second_l_key, runner))
         better = key > best_l_key  # strict: the first best row wins, as argmax does
         best_l_key = torch.where(better, key, best_l_key)
         best_l = torch.where(better, row + sl.start, best_l)
     li = torch.arange(len(left_ids), device=dev)
     mutual = best_l[best_r] == li
-    return np.stack([left_ids[li[mutual].cpu().numpy()], right_ids[best_r[mutual].cpu().numpy()]], 1)
+    pairs = np.stack([left_ids[li[mutual].cpu().numpy()], right_ids[best_r[mutual].cpu().numpy()]], 1)
+    if not with_margins:
+        return pairs
+    cols = best_r[mutual]
+    margins = 2 * torch.minimum(row_gap[mutual], best_l_key[cols] - second_l_key[cols])
+    return pairs, margins.cpu().numpy()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import train
-from data_process.dataset import read_pair_file, split_links
+from data_process.dataset import load_dataset, read_pair_file, split_links
 from utils import mutual_nearest_pairs
 
 
@@ -79,7 +79,7 @@ def test_pseudo_label_step_skips_aligned_entities_and_reads_no_label():
     table[6] = e[4]
     model = _TableModel(table)
     data = _NoLabels([0, 0, 0, 0, 1, 1, 1, 1, 1])
-    cfg = SimpleNamespace(csls_k=3, eval_chunk=2)
+    cfg = SimpleNamespace(csls_k=3, eval_chunk=2, il_margin=0.0)
     pairs = train.pseudo_label_step(model, None, data, np.array([[0, 5]]), cfg)
     assert {tuple(p) for p in pairs.tolist()} == {(1, 7), (2, 4), (3, 8)}
     assert set(np.concatenate(model.asked).tolist()) == {1, 2, 3, 4, 6, 7, 8}  # 0 and 5 are trained on
@@ -94,7 +94,6 @@ def test_iterative_run_end_to_end(tiny_synthetic, tmp_path):
             "--n_exp", "2", "--bsize", "16", "--device", "cpu", "--out_dir", str(tmp_path), "--run_name", "il"]
     res = train.main(*train.parse_args(argv))
     run = tmp_path / "il"
-    from data_process.dataset import load_dataset
 
     data = load_dataset(tiny_synthetic, seed=42)
     split = split_links(data.links, 0.3, 42)
@@ -114,3 +113,93 @@ def test_iterative_run_end_to_end(tiny_synthetic, tmp_path):
     assert sum(step["correct"] for step in res["pseudo_steps"]) == sum((int(a), int(b)) in gold for a, b in pseudo)
     history = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == list(range(0, 8))
+
+
+def test_il_margin_keeps_only_pairs_clear_of_their_runner_up():
+    """Left 1 and 2 are near-twins, each matched to its own right entity: mutual, but each right entity's
+    runner-up (the other twin) is close, so a margin drops both; the clear pair 3-8 stays."""
+    e = _basis(6)
+    table = torch.zeros(9, 8)
+    table[0], table[5] = e[0], e[0]
+    table[1], table[7] = e[1] + 0.9 * e[2], e[1] + 0.9 * e[2] + 0.01 * e[5]
+    table[2], table[4] = e[1] + 0.95 * e[2], e[1] + 0.95 * e[2] - 0.01 * e[5]
+    table[3], table[8] = e[3], e[3] + 0.05 * e[5]
+    table[6] = e[4]
+    data = _NoLabels([0, 0, 0, 0, 1, 1, 1, 1, 1])
+    seeds = np.array([[0, 5]])
+    every = train.pseudo_label_step(_TableModel(table), None, data, seeds, SimpleNamespace(csls_k=3, eval_chunk=2,
+                                                                                           il_margin=0.0))
+    assert {(1, 7), (2, 4), (3, 8)} <= {tuple(p) for p in every.tolist()}
+    clear = train.pseudo_label_step(_TableModel(table), None, data, seeds, SimpleNamespace(csls_k=3, eval_chunk=2,
+                                                                                           il_margin=0.1))
+    assert {tuple(p) for p in clear.tolist()} == {(3, 8)}
+
+
+IL_SMALL = ["--rate", "0.3", "--hidden_units", "16,16,16", "--heads", "2,2", "--n_exp", "2", "--bsize", "16",
+            "--device", "cpu", "--check_point", "2"]
+
+
+def test_reselect_replaces_the_pseudo_pairs_and_counts_what_came_and_went(tiny_synthetic, tmp_path):
+    argv = ["--file_dir", str(tiny_synthetic), *IL_SMALL, "--epochs", "4", "--il", "--il_epochs", "8",
+            "--il_step", "2", "--il_select", "reselect", "--out_dir", str(tmp_path), "--run_name", "re"]
+    res = train.main(*train.parse_args(argv))
+    data = load_dataset(tiny_synthetic, seed=42)
+    seeds = split_links(data.links, 0.3, 42).train
+    final = read_pair_file(tmp_path / "re" / "train_ill_final.tsv", data)[len(seeds):]
+    steps = res["pseudo_steps"]
+    assert [s["epoch"] for s in steps] == [6, 8, 10, 12]
+    total = 0
+    for s in steps:  # each step: the set before, plus what came, less what went
+        assert s["total"] == total + s["new"] - s["dropped"]
+        total = s["total"]
+    assert total == len(final) == res["pairs"]["pseudo"] > 0
+    assert not set(final.ravel()) & set(seeds.ravel())  # never a seed entity
+    gold = {(int(a), int(b)) for a, b in data.links}
+    assert steps[-1]["total_correct"] == sum((int(a), int(b)) in gold for a, b in final)
+
+
+def test_a_run_branched_from_a_checkpoint_equals_the_run_from_scratch(tiny_synthetic, tmp_path):
+    """--branch_from the epoch-4 checkpoint of a plain run, with iterative training after it, gives bit
+    for bit the run that had the iterative flags from the start (nothing in epochs 1-4 depends on them)."""
+    def run(name, *extra):
+        argv = ["--file_dir", str(tiny_synthetic), *IL_SMALL, "--out_dir", str(tmp_path), "--run_name", name, *extra]
+        return train.main(*train.parse_args(argv))
+
+    il = ["--epochs", "4", "--il", "--il_epochs", "6", "--il_step", "2"]
+    whole = run("whole", *il)
+    run("plain", "--epochs", "4")
+    branched = run("branched", *il, "--branch_from", str(tmp_path / "plain"))
+    assert branched["last_epoch"] == whole["last_epoch"] and branched["pseudo_steps"] == whole["pseudo_steps"]
+    rows = lambda name: [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+                         for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    assert rows("branched") == rows("whole")
+    assert branched["provenance"]["branched_from"]["epoch"] == 4
+    with pytest.raises(train.DataError, match="does not fit the flags"):
+        run("misfit", *il, "--branch_from", str(tmp_path / "plain"), "--hidden_units", "8,8,8")
+    assert not (tmp_path / "misfit").exists()
+
+
+def test_the_pseudo_label_script_counts_what_a_step_would_add(tiny_synthetic, tmp_path):
+    """docs/analysis/pseudo_labels.py finds, at each margin, the pairs a pseudo-label step with that
+    --il_margin would take from the same checkpoint, and counts the gold ones among them."""
+    import dataclasses
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "docs" / "analysis"))
+    import pseudo_labels
+
+    argv = ["--file_dir", str(tiny_synthetic), *IL_SMALL, "--out_dir", str(tmp_path), "--run_name", "plain"]
+    train.main(*train.parse_args([*argv, "--epochs", "6"]))
+    ckpt_path = tmp_path / "plain" / "checkpoint.pt"
+    rows = pseudo_labels.margin_table(ckpt_path, [0.0, 0.05, 10.0])
+    ckpt = train.read_checkpoint(ckpt_path)
+    cfg = train.saved_config(ckpt["config"], "test")
+    s = train.set_up(cfg, ckpt_path.parent, ckpt)
+    gold = {(int(a), int(b)) for a, b in s.data.links}
+    for row in rows:
+        step = train.pseudo_label_step(s.model, s.inputs, s.data, s.train_pairs,
+                                       dataclasses.replace(cfg, il_margin=row["margin"]))
+        assert row["pairs"] == len(step)
+        assert row["correct"] == sum((int(a), int(b)) in gold for a, b in step)
+    assert rows[0]["pairs"] > 0 and rows[-1]["pairs"] == 0
