@@ -10,6 +10,11 @@ when the run had a validation split) and the best TEST epoch, which is the rule 
 paper's Table 1 and is labelled as such. A run that departs from the paper's protocol (another
 dataset, fewer epochs) is labelled a smoke run, and the page says so at the top.
 
+A finished run's numbers are also kept as a record, ``docs/records/<name>.json`` (``--save_records``:
+its results.json and a slim copy of its metrics.jsonl, a few tens of kB), which the repository
+commits; a run whose folder is gone (run folders are not committed) is read from its record, so the
+page can be regenerated without losing it.
+
 matplotlib is optional (``pip install -e ".[plot]"``): without it the tables are written and the
 page says that the figures were skipped.
 """
@@ -30,6 +35,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_ALL = ROOT / "run_all.sh"
+RECORDS = ROOT / "docs" / "records"
+# What a record keeps of each metrics.jsonl line (the rest is the health monitor's detail).
+RECORD_METRIC_KEYS = ("epoch", "loss", "grad_norm_max", "loss_rise_max", "train_pairs", "pair_version", "seconds")
 
 TABLES = ("table1", "table2", "seeds", "valid", "il", "fig3")
 METRICS = ("hits@1", "hits@5", "hits@10", "mrr")
@@ -191,15 +199,23 @@ class Run:
     config: dict | None
     results: dict | None
     command: str | None
+    record: str | None = None  # where the numbers came from when the run folder has no results.json
 
     @classmethod
-    def load(cls, spec: RunSpec, runs_dir: Path) -> Run:
+    def load(cls, spec: RunSpec, runs_dir: Path, records_dir: Path | None = None) -> Run:
         folder = Path(runs_dir) / spec.name
         results = _read_json(folder / "results.json")
+        record = None
+        if results is None and records_dir is not None:
+            saved = _read_json(Path(records_dir) / f"{spec.name}.json")
+            if saved and saved.get("results"):
+                results, record = saved["results"], saved.get("source", "a record")
         config = (results or {}).get("config") or _read_json(folder / "config.json")
         cmd_file = folder / "command.txt"
         command = cmd_file.read_text(encoding="utf-8").strip() if cmd_file.is_file() else None
-        return cls(spec, folder, config, results, command)
+        if command is None and record is not None:
+            command = (results or {}).get("command")
+        return cls(spec, folder, config, results, command, record)
 
     @property
     def finished(self) -> bool:
@@ -221,7 +237,7 @@ class Run:
     @property
     def status(self) -> str:
         if self.finished:
-            return "finished"
+            return "finished" if self.record is None else "finished (record)"
         if not self.folder.is_dir():
             return "missing"
         done = [json.loads(l) for l in _lines(self.folder / "metrics.jsonl")]
@@ -257,6 +273,37 @@ class Run:
         if not self.config:
             return f"(not run) {' '.join(['bash', 'run.sh', *self.spec.args])}"
         return "python train.py " + " ".join(_non_default_flags(self.config))
+
+
+def record_of(run: Run) -> dict:
+    """What docs/records keeps of a finished run with a folder: results.json, the command, and each
+    evaluation's loss and test / validation averages and router weights."""
+    metrics = []
+    for line in _lines(run.folder / "metrics.jsonl"):
+        m = json.loads(line)
+        slim = {k: m[k] for k in RECORD_METRIC_KEYS if k in m}
+        for key in ("test", "valid", "valid_heldout"):
+            if key in m:
+                slim[key] = m[key]["avg"]
+        if "health" in m:
+            slim["weight"] = m["health"].get("weight")
+            slim["hits1"] = m["health"].get("hits1")
+        metrics.append(slim)
+    return {"source": f"{run.folder}/results.json", "results": {**run.results, "command": run.command},
+            "metrics": metrics}
+
+
+def save_records(runs: list[Run], records_dir: Path) -> list[str]:
+    """Write docs/records/<name>.json for every finished run read from its folder; the names written."""
+    records_dir = Path(records_dir)
+    written = []
+    for run in runs:
+        if run.finished and run.record is None:
+            records_dir.mkdir(parents=True, exist_ok=True)
+            text = json.dumps(record_of(run), indent=None, separators=(",", ":"))
+            (records_dir / f"{run.spec.name}.json").write_text(text + "\n", encoding="utf-8")
+            written.append(run.spec.name)
+    return written
 
 
 def _lines(path: Path) -> list[str]:
@@ -751,9 +798,12 @@ def preset_lines(finished: list[Run]) -> list[str]:
 
 
 def build_report(runs_dir: Path, out: Path, figures: Path | None = None, run_all: Path = RUN_ALL,
-                 notes: list[str] = (), command: str | None = None) -> str:
+                 notes: list[str] = (), command: str | None = None, records_dir: Path | None = None,
+                 save_records_to: Path | None = None) -> str:
     specs = load_run_list(run_all)
-    runs = [Run.load(s, runs_dir) for s in specs]
+    runs = [Run.load(s, runs_dir, records_dir) for s in specs]
+    if save_records_to is not None:
+        save_records(runs, save_records_to)
     by_name = {r.spec.name: r for r in runs}
     finished = [r for r in runs if r.finished]
     smoke = [r for r in finished if r.smoke_reasons()]
@@ -782,7 +832,10 @@ def build_report(runs_dir: Path, out: Path, figures: Path | None = None, run_all
     lines = ["# Results", "",
              f"Generated {stamp} by `{command or 'python -m data_process.report'}` from the run folders under "
              f"`{runs_dir}/`: every number of ours is read from a run's results.json (the paper's numbers are "
-             "constants in data_process/report.py). A run without results.json shows as **missing**.",
+             "constants in data_process/report.py)"
+             + (f", or, for a run whose folder is gone, from its record in `{records_dir}/` (status "
+                "'finished (record)')" if records_dir is not None else "")
+             + ". A run without either shows as **missing**.",
              f"{len(finished)} of {len(runs)} runs of run_all.sh are finished.", ""]
     lines += preset_lines(finished)
     if smoke:
@@ -833,6 +886,11 @@ def parse_args(argv=None):
                                                    "without it the figures are skipped")
     p.add_argument("--run_all", default=str(RUN_ALL), help="run_all.sh whose RUN_TABLE lists the runs")
     p.add_argument("--note", action="append", default=[], help="a line for the page's Notes section (repeatable)")
+    p.add_argument("--records", default=None, help="folder of run records (docs/records; docs/records/official for "
+                                                   "the official preset): a run whose folder has no results.json "
+                                                   "is read from <records>/<name>.json")
+    p.add_argument("--save_records", action="store_true", help="first write <records>/<name>.json for every "
+                                                               "finished run folder (needs --records)")
     return p.parse_args(argv)
 
 
@@ -849,8 +907,12 @@ def main(argv=None) -> int:
             shown.append(a)
         skip = a == "--note"
     command = "python -m data_process.report " + " ".join(shown)
+    if args.save_records and not args.records:
+        print("error: --save_records needs --records DIR", file=sys.stderr)
+        return 2
+    records = Path(args.records) if args.records else None
     text = build_report(Path(args.runs), Path(args.out), Path(args.figures) if args.figures else None,
-                        Path(args.run_all), args.note, command)
+                        Path(args.run_all), args.note, command, records, records if args.save_records else None)
     counts = re.search(r"(\d+ of \d+ runs) of run_all.sh are finished", text)
     print(f"wrote {args.out} ({counts.group(1)} finished"
           + (f"; figures in {args.figures})" if args.figures else "; no figures)"))

@@ -234,3 +234,29 @@ def test_the_page_names_the_preset_of_its_runs_and_warns_when_they_mix(tmp_path)
     assert "Preset: `--preset official` (the official code's variant, every departure of docs/departures.md " \
            "switched on); `--preset paper` (the paper's method). **The runs mix presets.**" in text
     assert "Preset:" not in build_report(tmp_path / "empty", tmp_path / "e.md")  # nothing finished, nothing said
+
+
+def test_a_run_whose_folder_is_gone_is_read_from_its_record(tmp_path):
+    """--save_records keeps a finished run's results and a slim metrics copy; once the folder is gone
+    the page shows the same numbers from the record, marked as such, and the record is never read while
+    the folder is there."""
+    runs, records = tmp_path / "runs", tmp_path / "records"
+    folder = make_run(runs, BASE_RUN, 0.4321, command="bash run.sh 42 FB15K_DB15K 0.2 512 0 --run_name t1_db_20")
+    line = {"epoch": 10, "loss": 99.5, "grad_norm_max": 3.0, "test": _metrics(0.2), "seconds": 5.0,
+            "health": {"weight": {"graph": 0.5}, "hits1": {"test": {"graph": 0.1}}, "cosine": {"graph": 0.0}}}
+    (folder / "metrics.jsonl").write_text(json.dumps(line) + "\n")
+    with_folder = build_report(runs, tmp_path / "a.md", records_dir=records, save_records_to=records)
+    saved = json.loads((records / f"{BASE_RUN}.json").read_text())
+    assert saved["metrics"] == [{"epoch": 10, "loss": 99.5, "grad_norm_max": 3.0, "seconds": 5.0,
+                                 "test": _metrics(0.2)["avg"], "weight": {"graph": 0.5},
+                                 "hits1": {"test": {"graph": 0.1}}}]
+    assert sorted(p.name for p in records.iterdir()) == [f"{BASE_RUN}.json"]  # only finished runs
+    for f in folder.iterdir():
+        f.unlink()
+    folder.rmdir()
+    without = build_report(runs, tmp_path / "b.md", records_dir=records)
+    table = lambda text: _section(text, "Table 1")
+    assert table(without) == table(with_folder)
+    assert "| finished (record) |" in _section(without, "Runs")
+    assert "bash run.sh 42 FB15K_DB15K 0.2 512 0 --run_name t1_db_20" in without
+    assert "missing" in table(build_report(runs, tmp_path / "c.md"))  # no records folder: missing
