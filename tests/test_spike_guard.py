@@ -76,6 +76,10 @@ def test_a_made_spike_is_rolled_back_and_the_replay_equals_a_run_without_it(tiny
     assert train.cli(_args(tiny_synthetic, clean, "clean", "--epochs", "30")) == 0
     assert [r["epoch"] for r in _metrics(run)] == [0, 5, 10, 15, 20, 25, 30]  # no epoch twice
     assert _metrics(run) == _metrics(clean / "clean")
+    # A guard that never fires changes nothing: the same run without it is the same, bit for bit.
+    assert train.cli(_args(tiny_synthetic, clean, "unguarded", "--epochs", "30", "--spike_guard", "0")) == 0
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "loss_rise_max"} for r in rows]
+    assert strip(_metrics(clean / "unguarded")) == strip(_metrics(clean / "clean"))
 
 
 def test_the_remedy_halves_the_entity_tables_rate_and_a_resumed_run_keeps_it(tiny_synthetic, tmp_path,
