@@ -260,3 +260,25 @@ def test_a_run_whose_folder_is_gone_is_read_from_its_record(tmp_path):
     assert "| finished (record) |" in _section(without, "Runs")
     assert "bash run.sh 42 FB15K_DB15K 0.2 512 0 --run_name t1_db_20" in without
     assert "missing" in table(build_report(runs, tmp_path / "c.md"))  # no records folder: missing
+
+
+def test_the_readme_table_is_spliced_between_its_markers_and_says_what_the_data_holds(tmp_path):
+    runs = tmp_path / "runs"
+    make_run(runs, BASE_RUN, 0.4321)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n\nintro\n\n{report.README_BEGIN}\nold table\n{report.README_END}\n\n## Rest\n")
+    build_report(runs, tmp_path / "r.md", readme=readme)
+    text = readme.read_text()
+    assert text.startswith("# Title\n\nintro\n\n") and text.endswith(f"{report.README_END}\n\n## Rest\n")
+    assert "old table" not in text
+    db20 = next(l for l in text.splitlines() if l.startswith("| FB15K-DB15K 20% |"))
+    assert db20 == ("| FB15K-DB15K 20% | complete graphs, no images | 0.5118 / 0.5980 | 0.4730 / 0.5610 | "
+                    "0.4321 / 0.4821 (epoch 1000) | 0.4421 / 0.4921 (epoch 990) |")
+    yg20 = next(l for l in text.splitlines() if l.startswith("| FB15K-YAGO15K 20% |"))
+    assert "57% of YAGO15K's triples" in yg20 and yg20.endswith("| not run yet | not run yet |")
+    build_report(runs, tmp_path / "r.md", readme=readme)
+    assert readme.read_text() == text  # idempotent
+    bare = tmp_path / "BARE.md"
+    bare.write_text("# no markers\n")
+    with pytest.raises(ValueError, match="no '<!-- results:begin -->'"):
+        report.splice_readme(bare, ["x"])
