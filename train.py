@@ -36,6 +36,7 @@ import torch
 from tqdm import tqdm
 
 from data_process.dataset import MMKG, Split, load_dataset, read_pair_file, split_links, write_pair_file
+from data_process.safe_load import ForbiddenGlobal, load_torch
 from layers import PassThrough
 from loss import CLUBDisentanglement, batch_alignment_losses, random_expert_pairs, total_loss
 from model import HUMEA, ModelConfig, ModelInputs
@@ -157,16 +158,22 @@ def snapshot(model, club, opt, q_opt, gen, epoch, state) -> dict:
 
 
 def restore(ckpt: dict, model, club, opt, q_opt, gen) -> None:
-    """Load a snapshot's states; the RNGs last, so that nothing drawn while building the model leaks in."""
-    model.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["opt"])
-    if club is not None:
-        club.load_state_dict(ckpt["club"])
-        q_opt.load_state_dict(ckpt["q_opt"])
-    gen.set_state(ckpt["gen"])
-    torch.set_rng_state(ckpt["torch_rng"])
-    np.random.set_state(ckpt["numpy_rng"])
-    random.setstate(ckpt["python_rng"])
+    """Load a snapshot's states; the RNGs last, so that nothing drawn while building the model leaks in.
+    States that do not fit the model (a damaged or foreign checkpoint) are a DataError."""
+    try:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        if club is not None:
+            club.load_state_dict(ckpt["club"])
+            q_opt.load_state_dict(ckpt["q_opt"])
+        gen.set_state(ckpt["gen"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        np.random.set_state(ckpt["numpy_rng"])
+        random.setstate(ckpt["python_rng"])
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        raise DataError(f"the checkpoint's states do not fit the model its configuration builds "
+                        f"({type(e).__name__}: {' '.join(str(e).split())[:300]}); expected a checkpoint written "
+                        "by train.py") from None
 
 
 def load_checkpoint(run: Path) -> dict:
@@ -177,11 +184,59 @@ def load_checkpoint(run: Path) -> dict:
     return read_checkpoint(path)
 
 
+# What snapshot() writes: key -> (types, what it is). read_checkpoint refuses a file without them
+# (damaged, or not train.py's) before anything is restored; None is allowed for the optional ones.
+CHECKPOINT_FIELDS = {
+    "model": (dict, "the model's state dict"), "opt": (dict, "the optimiser's state dict"),
+    "epoch": (int, "the number of epochs done"), "gen": (torch.Tensor, "the training generator's state"),
+    "torch_rng": (torch.Tensor, "torch's RNG state"), "numpy_rng": (tuple, "numpy's RNG state"),
+    "python_rng": (tuple, "Python's RNG state"), "history": (list, "the evaluations so far"),
+    "pseudo_pairs": (np.ndarray, "the pseudo pairs"), "config": (dict, "the run's configuration"),
+    "seconds": ((int, float), "the training seconds so far"),
+}
+OPTIONAL_CHECKPOINT_FIELDS = {
+    "club": (dict, "CLUB's state dict"), "q_opt": (dict, "CLUB's optimiser state"),
+    "curriculum": (np.ndarray, "the curriculum's pairs"), "best_model": (dict, "the best-validation weights"),
+    "stopped": (int, "the early-stop epoch"), "provenance": (dict, "the provenance"),
+    "pseudo_steps": (list, "the pseudo-label steps"),
+}
+
+
+def check_checkpoint(ckpt, path: Path) -> None:
+    """The shape of a checkpoint of snapshot(), or a DataError naming the key and what was expected."""
+    if not isinstance(ckpt, dict):
+        raise DataError(f"{path}: expected a checkpoint of train.py (a dict of states), got {type(ckpt).__name__}")
+    for key, (types, what) in {**CHECKPOINT_FIELDS, **OPTIONAL_CHECKPOINT_FIELDS}.items():
+        value = ckpt.get(key)
+        if value is None and key in OPTIONAL_CHECKPOINT_FIELDS:
+            continue
+        if key not in ckpt:
+            raise DataError(f"{path}: key '{key}' ({what}) is missing; expected a checkpoint written by train.py")
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise DataError(f"{path}: key '{key}' ({what}) is a {type(value).__name__}; expected a checkpoint "
+                            "written by train.py")
+    bad = next((k for k, v in ckpt["model"].items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise DataError(f"{path}: key 'model' entry {bad!r:.80} is not a tensor; expected the model's state dict")
+    pairs = ckpt["pseudo_pairs"]
+    if ckpt["epoch"] < 0 or pairs.ndim != 2 or pairs.shape[1] != 2 or pairs.dtype.kind not in "iu":
+        raise DataError(f"{path}: epoch {ckpt['epoch']} or pseudo pairs of shape {pairs.shape} ({pairs.dtype}); "
+                        "expected epochs >= 0 and (P, 2) integer pairs")
+
+
 def read_checkpoint(path: Path) -> dict:
+    """A checkpoint, read by torch's weights_only loader: tensors, Python builtins, plain numeric numpy
+    arrays (data_process.safe_load.load_torch); a file naming anything else is refused unread."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)  # our own file: numpy RNG states inside
+        ckpt = load_torch(path)
+    except ForbiddenGlobal as e:
+        raise DataError(f"{path}: refused: the checkpoint would call {e.global_name}, which a checkpoint of "
+                        "train.py does not hold; nothing in it was run (docs/reliability.md, 'Untrusted "
+                        "inputs')") from None
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is a bad input here
-        raise DataError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {e})") from e
+        raise DataError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {str(e)[:300]})") from None
+    check_checkpoint(ckpt, path)
+    return ckpt
 
 
 def saved_config(saved: dict, source: str) -> Config:
@@ -949,7 +1004,8 @@ def set_up(cfg: Config, run: Path | None, ckpt: dict | None) -> Session:
     log.addHandler(early)
     set_seed(cfg.seed)
     device = torch.device(cfg.device)
-    data = load_dataset(data_root, cfg.switches.modalities_off, seed=cfg.seed, log=log)
+    data = load_dataset(data_root, cfg.switches.modalities_off, seed=cfg.seed, log=log,
+                        min_coverage=cfg.min_feature_coverage)
     split = split_links(data.links, cfg.rate, cfg.seed, cfg.val_ratio)
     train_pairs, leak = training_pairs(cfg, data, split, log)
     log.info(kv(train=len(train_pairs), valid=len(split.valid), test=len(split.test), rate=cfg.rate))

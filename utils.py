@@ -106,6 +106,9 @@ class Switches:
 
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16}  # --amp: autocast dtype of the experts and router
+# --min_feature_coverage's default: the real datasets' feature files cover 84-100% of the entities
+# (docs/data.md), the embedded default's 85-100%; a file covering under 1% is more likely broken than meant.
+MIN_FEATURE_COVERAGE = 0.01
 
 
 def _flag(default, help, **extra):
@@ -120,6 +123,11 @@ class Config:
                                   "(0 = the paper's protocol: no validation split)")
     train_ill_path: str = _flag("", "file of 'id1<TAB>id2' training pairs replacing the seed split's training "
                                     "pairs (e.g. pseudo-labels); the test pairs stay those of the split")
+    min_feature_coverage: float = _flag(MIN_FEATURE_COVERAGE,
+                                        "refuse a modality whose input (a feature pickle, training_attrs_1/2, "
+                                        "the triples) covers less than this fraction of the entities, in [0, 1] "
+                                        "(0 = accept any coverage); a modality without its file is switched off, "
+                                        "not refused")
     valid_pool: str = _flag("valid", "candidates of the validation ranking that picks the best-validation epoch "
                                      "and drives --early_stop: 'valid' = the validation pairs' own entities (as "
                                      "the test protocol ranks the test pairs), 'heldout' = those plus every test "
@@ -308,6 +316,8 @@ class Config:
         for name in ("lr", "q_lr", "tau_cl", "tau_al"):
             if not 0.0 < getattr(self, name) < math.inf:
                 raise DataError(f"--{name} must be a positive number, got {getattr(self, name)}")
+        if not 0.0 <= self.min_feature_coverage <= 1.0:
+            raise DataError(f"--min_feature_coverage must be in [0, 1], got {self.min_feature_coverage}")
         for name in ("dropout", "attn_dropout", "expert_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise DataError(f"--{name} must be in [0, 1), got {getattr(self, name)}")

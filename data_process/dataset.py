@@ -14,14 +14,15 @@ Axis letters: N entities, P aligned pairs, T triples, F feature size.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from utils import MODALITIES, MODALITY_TABLE, DataError, atomic_write, kv
+from data_process.safe_load import ForbiddenGlobal, load_pickle
+from utils import MIN_FEATURE_COVERAGE, MODALITIES, MODALITY_TABLE, DataError, atomic_write, kv
 
 ENT_IDS = ("ent_ids_1", "ent_ids_2")
 TRIPLES = ("triples_1", "triples_2")
@@ -64,10 +65,20 @@ class MMKG:
 # ---------------------------------------------------------------------------------------------
 
 
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path} line {line}: byte {e.start} is not UTF-8 text ({e.reason}); expected a "
+                        "UTF-8 text file") from None
+
+
 def _read_lines(path: Path) -> list[str]:
     if not path.is_file():
         raise DataError(f"{path}: required file is missing")
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
@@ -108,9 +119,10 @@ def _read_int_table(path: Path, columns: int, form: str) -> np.ndarray:
 def _read_ent_ids(path: Path) -> tuple[list[int], list[str]]:
     ids, names = [], []
     for lineno, line in enumerate(_read_lines(path), 1):
-        parts = line.split("\t", 1)
+        parts = line.split("\t")
         if len(parts) != 2 or not parts[1]:
-            raise DataError(f"{path} line {lineno}: expected 'id<TAB>name', got {line[:80]!r}")
+            raise DataError(f"{path} line {lineno}: expected 'id<TAB>name' (2 tab-separated fields, a name "
+                            f"without tabs), got {len(parts)} field(s): {line[:80]!r}")
         ids.append(_int(path, lineno, parts[0], "entity id"))
         names.append(parts[1])
     return ids, names
@@ -151,15 +163,31 @@ def _read_entities(root: Path) -> tuple[list[str], np.ndarray]:
     return names, kg
 
 
+def _refuse_repeated_links(path: Path, links: np.ndarray) -> None:
+    """A pair listed twice would be split into both the training and the test pairs. (An entity in two
+    different pairs is kept: the built FB15K-DB15K aligns 4 DB15K entities with two FB15K ones each.)"""
+    first: dict[tuple[int, int], int] = {}
+    for lineno, pair in enumerate(map(tuple, links.tolist()), 1):
+        if pair in first:
+            raise DataError(f"{path} line {lineno}: the pair {pair[0]}<TAB>{pair[1]} repeats line {first[pair]}; "
+                            "expected each aligned pair once")
+        first[pair] = lineno
+
+
 def _read_links_and_triples(root: Path, kg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n = len(kg)
     links = _read_int_table(root / LINKS, 2, "id1<TAB>id2")
     _check_ids(root / LINKS, links, kg == 0, [0], "KG1 (ent_ids_1)", n)
     _check_ids(root / LINKS, links, kg == 1, [1], "KG2 (ent_ids_2)", n)
+    _refuse_repeated_links(root / LINKS, links)
     triples = []
     for side, fname in enumerate(TRIPLES):
         t = _read_int_table(root / fname, 3, "head<TAB>relation<TAB>tail")
         _check_ids(root / fname, t, kg == side, [0, 2], f"KG{side + 1} (ent_ids_{side + 1})", n)
+        negative = np.nonzero(t[:, 1] < 0)[0]
+        if negative.size:
+            i = int(negative[0])
+            raise DataError(f"{root / fname} line {i + 1}: relation id {t[i, 1]} is negative; expected an id >= 0")
         triples.append(t)
     return links, np.concatenate(triples)
 
@@ -176,7 +204,7 @@ def _read_attrs(root: Path, names: list[str], kg: np.ndarray):
     for side, path in enumerate(files):
         if not path.is_file():
             continue
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for lineno, line in enumerate(_read_text(path).splitlines(), 1):
             parts = line.split("\t")
             if len(parts) < 1 or not parts[0]:
                 raise DataError(f"{path} line {lineno}: expected 'entity name<TAB>attr<TAB>attr...', got {line[:80]!r}")
@@ -202,60 +230,114 @@ def _find_feature_file(root: Path, source: str) -> Path | None:
     return found[0] if found else None
 
 
+def _entity_id(path: Path, key, n: int) -> int:
+    """A feature dict's key as an entity id: an int (or numpy int) or a string of one, in 0..n-1."""
+    i = None
+    if isinstance(key, (int, np.integer)) and not isinstance(key, (bool, np.bool_)):
+        i = int(key)
+    elif isinstance(key, str) and key.strip().lstrip("+-").isdecimal():
+        with contextlib.suppress(ValueError):  # e.g. '+-5'
+            i = int(key)
+    if i is None:
+        raise DataError(f"{path}: key {key!r:.80} is not an integer entity id; expected a dict entity id (an "
+                        f"int in 0..{n - 1}) -> vector")
+    if not 0 <= i < n:
+        raise DataError(f"{path}: key {i} is out of range (entity ids are 0..{n - 1})")
+    return i
+
+
+def _feature_vector(path: Path, key, vec) -> np.ndarray:
+    """A feature dict's value as a 1-d numeric array (not yet cast), or a DataError that names the key."""
+    try:
+        a = np.asarray(vec)
+    except (TypeError, ValueError):  # e.g. a ragged list of lists
+        a = None
+    if a is not None and a.ndim == 1 and a.size and a.dtype.kind in "biuf":
+        return a
+    if a is not None and a.ndim == 1 and not a.size:
+        got = "an empty vector"
+    elif a is not None and a.ndim == 0:
+        got = f"a single {type(vec).__name__} ({vec!r:.40})"
+    elif a is not None and a.dtype.kind in "biuf":
+        got = f"an array of shape {a.shape}"
+    else:
+        got = f"{type(vec).__name__} {str(vec)[:40]!r}"
+    raise DataError(f"{path}: the value of key {key!r:.40} is not a numeric vector: got {got}; expected a 1-d "
+                    "vector of numbers (a numpy array or a list), one size for every key")
+
+
 def _read_feature_pickle(path: Path, n: int, rng: np.random.Generator):
     """dict id -> vector  ->  (N, F) float32 matrix with the missing rows filled, and the (N,) mask of
-    the entities that have a vector."""
+    the entities that have a vector. The file is read with data_process.safe_load: it may hold only
+    dicts, lists, tuples, numbers, strings and numpy arrays, and runs no code."""
     try:
-        with open(path, "rb") as f:
-            obj = pickle.load(f)  # the official data format; only load pickles you trust
+        obj = load_pickle(path)
+    except ForbiddenGlobal as e:
+        raise DataError(f"{path}: refused: the pickle would call {e.global_name}, which a feature file does not "
+                        "need; nothing in it was run (a feature pickle may hold dicts, lists, tuples, numbers, "
+                        "strings and numpy arrays; docs/reliability.md says how to convert another pickle "
+                        "you trust)") from None
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a data error here
         raise DataError(f"{path}: cannot unpickle ({type(e).__name__}: {e}); "
-                        "expected a dict entity id -> vector") from e
+                        "expected a dict entity id -> vector") from None
     if not isinstance(obj, dict):
         raise DataError(f"{path}: expected a pickled dict entity id -> vector, got {type(obj).__name__}")
     if not obj:
         return None, None
-    dim = None
+    dim = first = None
     mat = None
     present = np.zeros(n, dtype=bool)
     for key, vec in obj.items():
-        try:
-            i = int(key)
-        except (TypeError, ValueError):
-            raise DataError(f"{path}: key {key!r} is not an integer entity id") from None
-        if not 0 <= i < n:
-            raise DataError(f"{path}: key {i} is out of range (entity ids are 0..{n - 1})")
-        try:
-            v = np.asarray(vec, dtype=np.float32).reshape(-1)
-        except (TypeError, ValueError):
-            raise DataError(f"{path}: the value of entity {i} is not a numeric vector "
-                            f"({type(vec).__name__})") from None
-        if v.size == 0 or not np.isfinite(v).all():
-            raise DataError(f"{path}: the vector of entity {i} is empty or holds NaN/inf values")
+        i = _entity_id(path, key, n)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflows are refused just below
+            v = _feature_vector(path, key, vec).astype(np.float32, copy=False)
+            norm = np.linalg.norm(v)
+        if not np.isfinite(v).all():
+            raise DataError(f"{path}: the vector of key {key!r:.40} (entity {i}) holds NaN/inf values (or values "
+                            "beyond float32's range); expected finite numbers")
+        if not np.isfinite(norm):  # the vector is L2-normalised later (--feature_norm)
+            raise DataError(f"{path}: the vector of key {key!r:.40} (entity {i}) holds values too large to "
+                            "normalise (its L2 norm overflows float32); expected numbers of a moderate size")
         if present[i]:
             raise DataError(f"{path}: entity {i} appears under two keys (e.g. {i} and '{i}')")
         if dim is None:
-            dim = v.size
+            dim, first = v.size, key
             mat = np.empty((n, dim), dtype=np.float32)
         elif v.size != dim:
-            raise DataError(f"{path}: the vector of entity {i} has size {v.size}, expected {dim} "
-                            "(the size of the first vector)")
+            raise DataError(f"{path}: the vector of key {key!r:.40} (entity {i}) has size {v.size}, expected {dim} "
+                            f"(the size of the first vector, key {first!r:.40})")
         mat[i] = v
         present[i] = True
     missing = ~present
     if missing.any():
-        mean, std = mat[present].mean(0), mat[present].std(0)
-        mat[missing] = rng.normal(mean, std, size=(int(missing.sum()), dim)).astype(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):  # refused just below
+            mean, std = mat[present].mean(0), mat[present].std(0)
+            mat[missing] = rng.normal(mean, std, size=(int(missing.sum()), dim)).astype(np.float32)
+        if not np.isfinite(mat[missing]).all():
+            raise DataError(f"{path}: the vectors' values are too large to draw the missing rows from (their "
+                            "mean or standard deviation overflows float32); expected numbers of a moderate size")
     return mat, present
 
 
-def _file_features(name: str, source: str, root: Path, n: int, rng: np.random.Generator, notes: list[str]):
+def _refuse_sparse(name: str, source: str, has: np.ndarray, min_coverage: float) -> None:
+    """A modality whose input covers almost no entity (below ``min_coverage``) is refused."""
+    if has.mean() < min_coverage:
+        raise DataError(f"{source}: covers {int(has.sum())} of {has.size} entities ({has.mean():.2%}), below "
+                        f"--min_feature_coverage {min_coverage:g}: the {name} modality would be filler for the rest. "
+                        "Expected a file with inputs for most entities; remove it to switch the modality off, "
+                        "or pass --min_feature_coverage 0 to train on it anyway")
+
+
+def _file_features(name: str, source: str, root: Path, n: int, rng: np.random.Generator, notes: list[str],
+                   min_coverage: float = MIN_FEATURE_COVERAGE):
     """A modality read from its feature pickle: (matrix, mask), or (None, None) with a note why not."""
     path = _find_feature_file(root, source)
     if path is None:
         notes.append(f"{name}: no {source.format(folder='*')} in {root} -> modality disabled")
         return None, None
     mat, has = _read_feature_pickle(path, n, rng)
+    if mat is not None:
+        _refuse_sparse(name, str(path), has, min_coverage)
     if mat is None:
         notes.append(f"{name}: {path.name} holds no vectors -> modality disabled")
     elif not has.all():
@@ -275,6 +357,7 @@ def relation_bow(triples: np.ndarray, n: int, top: int = BOW_TOP) -> np.ndarray:
     head or tail (rows of isolated entities are zero; scaled later by ``normalise_features``)."""
     rels = np.concatenate([triples[:, 1], triples[:, 1]])
     ents = np.concatenate([triples[:, 0], triples[:, 2]])
+    rels = np.unique(rels, return_inverse=True)[1].reshape(-1)  # ranks of the ids: sparse or huge ids are fine
     counts = np.bincount(rels)
     keep = np.argsort(-counts, kind="stable")[:min(top, int((counts > 0).sum()))]
     col = np.full(counts.size, -1)
@@ -316,6 +399,7 @@ def _attribute_bow_of(root: Path, names: list[str], kg: np.ndarray, triples: np.
 
 # MODALITY_TABLE sources that the loader builds: (root, names, kg, triples, notes) -> (N, F) or None.
 BUILDERS = {"relation_bow": _relation_bow_of, "attribute_bow": _attribute_bow_of}
+BUILT_FROM = {"relation_bow": TRIPLES, "attribute_bow": TRAINING_ATTRS}  # the files named when one is refused
 BOW_MODALITIES = tuple(m.name for m in MODALITY_TABLE if m.source in BUILDERS)
 
 
@@ -339,10 +423,11 @@ def _l2_rows(mat: np.ndarray) -> np.ndarray:
 
 
 def load_dataset(file_dir: str | Path, modalities_off=frozenset(), seed: int = 0,
-                 log: logging.Logger | None = None) -> MMKG:
+                 log: logging.Logger | None = None, min_coverage: float = MIN_FEATURE_COVERAGE) -> MMKG:
     """Load the standard layout in ``file_dir`` (see the module docstring); the modalities of
     MODALITY_TABLE are read or built in its order, except those in ``modalities_off``. Missing rows
-    of a feature pickle are filled from ``seed``."""
+    of a feature pickle are filled from ``seed``. A modality whose input covers less than
+    ``min_coverage`` of the entities is refused (DataError)."""
     root = Path(file_dir)
     if not root.is_dir():
         raise DataError(f"{root}: dataset folder does not exist (expected ent_ids_1, ent_ids_2, ill_ent_ids, "
@@ -360,8 +445,10 @@ def load_dataset(file_dir: str | Path, modalities_off=frozenset(), seed: int = 0
         if mod.source in BUILDERS:
             mat = BUILDERS[mod.source](root, names, kg, triples, notes)
             has = None if mat is None else mat.any(1)
+            if mat is not None:
+                _refuse_sparse(mod.name, ", ".join(str(root / f) for f in BUILT_FROM[mod.source]), has, min_coverage)
         else:
-            mat, has = _file_features(mod.name, mod.source, root, n, rng, notes)
+            mat, has = _file_features(mod.name, mod.source, root, n, rng, notes, min_coverage)
         if mat is not None:
             features[mod.name], present[mod.name] = mat, has
     coverage = {m: float(p.mean()) for m, p in present.items()}
