@@ -19,13 +19,20 @@
 #                            train.py --preset); a non-paper preset's runs go to <out_dir>/<P>/, so
 #                            both presets' Table 1 lines keep separate run folders
 #   --report FILE            where the report goes (default <out_dir>/results.md, figures in
-#                            <out_dir>/figures); --no-report skips it
+#                            <out_dir>/figures), rewritten after every finished run; --no-report skips it
+#   --records DIR            keep each finished run's record (results and a slim metrics copy) in
+#                            DIR/<name>.json, which the report reads once the run folder is gone
+#                            (default docs/records, docs/records/official for --preset official, when
+#                            --out_dir and the datasets are the defaults; otherwise none)
+#   --jobs N                 runs at a time: N per GPU, or N on the CPU, each run then with
+#                            OMP_NUM_THREADS=1 unless it is set (default 1)
 #
 # A run whose folder holds results.json is finished and skipped; one with checkpoint.pt but no
 # results.json was interrupted and is resumed from its checkpoint (train.py --resume); anything
-# else starts from scratch. On CPU (or one GPU) the runs go one after the other; with several GPUs
-# (nvidia-smi -L, or the list in CUDA_VISIBLE_DEVICES) one run per GPU goes in parallel. Each run's
-# output goes to <out_dir>/<name>/stdout.txt and its exact command to <out_dir>/<name>/command.txt.
+# else starts from scratch. On CPU (or one GPU) the runs go one after the other unless --jobs says
+# more; with several GPUs (nvidia-smi -L, or the list in CUDA_VISIBLE_DEVICES) --jobs runs per GPU go
+# in parallel. Each run's output goes to <out_dir>/<name>/stdout.txt and its exact command to
+# <out_dir>/<name>/command.txt.
 set -uo pipefail
 cd "$(dirname "$0")"
 # The whole script is one brace group, read before it runs: editing this file while a long
@@ -91,10 +98,11 @@ f3_n_exp_9           | fig3   | n_exp=9           | plot-only | 42 FB15K_DB15K 0
 RUN_TABLE
 )
 
-usage() { sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 
 list_only=0; only=""; override="${DATASET_OVERRIDE:-}"; out_dir="${RUNS_DIR:-runs}"
-report=""; do_report=1; extra=(); preset=paper
+report=""; do_report=1; extra=(); preset=paper; records=""; jobs=1; out_given=0
+[ -n "${RUNS_DIR:-}" ] && out_given=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --list) list_only=1 ;;
@@ -102,12 +110,16 @@ while [ $# -gt 0 ]; do
     --only=*) only="${1#*=}" ;;
     --dataset-override) override="${2:?--dataset-override needs a value}"; shift ;;
     --dataset-override=*) override="${1#*=}" ;;
-    --out_dir) out_dir="${2:?--out_dir needs a value}"; shift ;;
-    --out_dir=*) out_dir="${1#*=}" ;;
+    --out_dir) out_dir="${2:?--out_dir needs a value}"; out_given=1; shift ;;
+    --out_dir=*) out_dir="${1#*=}"; out_given=1 ;;
     --preset) preset="${2:?--preset needs a value}"; shift ;;
     --preset=*) preset="${1#*=}" ;;
     --report) report="${2:?--report needs a value}"; shift ;;
     --no-report) do_report=0 ;;
+    --records) records="${2:?--records needs a value}"; shift ;;
+    --records=*) records="${1#*=}" ;;
+    --jobs) jobs="${2:?--jobs needs a value}"; shift ;;
+    --jobs=*) jobs="${1#*=}" ;;
     --run_name|--run_name=*|--resume|--resume=*)
       echo "run_all.sh: $1 is set per run here; it cannot be passed through" >&2; exit 2 ;;
     -h|--help) usage; exit 0 ;;
@@ -121,6 +133,10 @@ case "$preset" in
   *) echo "run_all.sh: unknown --preset '$preset' (paper or official)" >&2; exit 2 ;;
 esac
 report="${report:-$out_dir/results.md}"
+if [ -z "$records" ] && [ -z "$override" ] && [ "$out_given" = 0 ]; then
+  records="docs/records"; [ "$preset" = paper ] || records="docs/records/$preset"
+fi
+case "$jobs" in ''|*[!0-9]*|0) echo "run_all.sh: --jobs must be a positive integer, got '$jobs'" >&2; exit 2 ;; esac
 
 trim() { local s="$1"; s="${s#"${s%%[![:space:]]*}"}"; s="${s%"${s##*[![:space:]]}"}"; printf '%s' "$s"; }
 
@@ -204,6 +220,17 @@ mkdir -p "$out_dir"
 failed_file=$(mktemp "${TMPDIR:-/tmp}/run_all_failed.XXXXXX")
 trap 'rm -f "$failed_file"' EXIT
 
+# The report (and the records), one writer at a time when runs finish together.
+write_report() {
+  [ "$do_report" = 1 ] || return 0
+  local args=(--runs "$out_dir" --out "$report" --figures "$(dirname "$report")/figures")
+  [ -n "$records" ] && args+=(--records "$records" --save_records)
+  (
+    command -v flock >/dev/null 2>&1 && flock 9
+    python -m data_process.report "${args[@]}" > /dev/null || echo "run_all.sh: the report failed" >&2
+  ) 9> "$out_dir/.report.lock"
+}
+
 # One run: its command goes to command.txt, its output to stdout.txt, one status line here.
 run_one() {
   local i=$1 gpu=$2 dir="$out_dir/${names[$1]}" t0 rc
@@ -213,11 +240,14 @@ run_one() {
   t0=$(date +%s)
   if [ -n "$gpu" ]; then
     CUDA_VISIBLE_DEVICES="$gpu" "${cmd[@]}" > "$dir/stdout.txt" 2>&1; rc=$?
+  elif [ "$jobs" -gt 1 ]; then  # several runs on the CPU: one thread each (two-thread runs side by side crawl)
+    OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" "${cmd[@]}" > "$dir/stdout.txt" 2>&1; rc=$?
   else
     "${cmd[@]}" > "$dir/stdout.txt" 2>&1; rc=$?
   fi
   if [ "$rc" -eq 0 ]; then
     echo "  ${names[$i]}: ok ($(( $(date +%s) - t0 )) s)${gpu:+ on GPU $gpu}"
+    write_report  # after every finished run: its record kept, the page up to date
   else
     echo "  ${names[$i]}: FAILED (exit $rc); last lines of $dir/stdout.txt:"
     tail -n 5 "$dir/stdout.txt" | sed 's/^/      /'
@@ -230,29 +260,41 @@ for i in "${!names[@]}"; do
   if [ "$(status_of "${names[$i]}")" = done ]; then echo "skip ${names[$i]} (results.json exists)"
   else todo+=("$i"); fi
 done
-echo "run_all.sh: ${#todo[@]} of ${#names[@]} runs to do, into $out_dir/" \
-     "(${#gpus[@]} GPU(s): $([ ${#gpus[@]} -gt 1 ] && echo "one run per GPU in parallel" || echo sequential))"
+# Slots: --jobs per GPU, or --jobs on the CPU ("" = no GPU).
+slots=()
+if [ ${#gpus[@]} -gt 0 ]; then
+  for ((j = 0; j < jobs; j++)); do slots+=("${gpus[@]}"); done  # interleaved: the GPUs fill evenly
+else
+  for ((j = 0; j < jobs; j++)); do slots+=(""); done
+fi
+if [ ${#slots[@]} -gt 1 ]; then
+  how="${#slots[@]} runs in parallel"
+  [ ${#gpus[@]} -gt 0 ] && how="$how, $jobs per GPU" || how="$how on the CPU, one thread each"
+else
+  how=sequential
+fi
+echo "run_all.sh: ${#todo[@]} of ${#names[@]} runs to do, into $out_dir/ (${#gpus[@]} GPU(s): $how)"
 
 t_all=$(date +%s)
-if [ ${#gpus[@]} -le 1 ]; then
+if [ ${#slots[@]} -le 1 ]; then
   k=0
   for i in "${todo[@]}"; do
     k=$((k + 1)); echo "[$k/${#todo[@]}] ${names[$i]}  (${tables[$i]} | ${rows[$i]} | paper Hits@1 ${expects[$i]})"
-    run_one "$i" "${gpus[0]:-}"
+    run_one "$i" "${slots[0]:-}"
   done
 else
   slot_pid=()
   for i in "${todo[@]}"; do
     free=""
     while [ -z "$free" ]; do
-      for s in "${!gpus[@]}"; do
+      for s in "${!slots[@]}"; do
         pid="${slot_pid[$s]:-}"
         if [ -z "$pid" ] || ! kill -0 "$pid" 2>/dev/null; then free=$s; break; fi
       done
       [ -z "$free" ] && { wait -n 2>/dev/null || sleep 1; }
     done
-    echo "start ${names[$i]} on GPU ${gpus[$free]}  (${tables[$i]} | ${rows[$i]} | paper Hits@1 ${expects[$i]})"
-    run_one "$i" "${gpus[$free]}" &
+    echo "start ${names[$i]}${slots[$free]:+ on GPU ${slots[$free]}}  (${tables[$i]} | ${rows[$i]} | paper Hits@1 ${expects[$i]})"
+    run_one "$i" "${slots[$free]}" &
     slot_pid[$free]=$!
   done
   wait
@@ -260,10 +302,7 @@ fi
 
 n_failed=$(grep -c . "$failed_file" || true)
 echo "run_all.sh: finished in $(( $(date +%s) - t_all )) s; ${n_failed} failed"
-if [ "$do_report" = 1 ]; then
-  python -m data_process.report --runs "$out_dir" --out "$report" --figures "$(dirname "$report")/figures" \
-    || echo "run_all.sh: the report failed" >&2
-fi
+write_report
 if [ "$n_failed" -gt 0 ]; then
   echo "failed runs (rerun bash run_all.sh to retry only these): $(tr '\n' ' ' < "$failed_file")" >&2
   exit 1

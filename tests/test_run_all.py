@@ -50,6 +50,7 @@ for ((i = 0; i < ${#args[@]}; i++)); do
 done
 (IFS=$'\t'; echo "CUDA=${CUDA_VISIBLE_DEVICES:-}"$'\t'"$*") >> "$FAKE_LOG"
 echo "start $name $(date +%s.%N)" >> "$FAKE_LOG.times"
+echo "$name OMP=${OMP_NUM_THREADS:-}" >> "$FAKE_LOG.omp"
 [ -n "${FAKE_SLEEP:-}" ] && sleep "$FAKE_SLEEP"
 echo "end $name $(date +%s.%N)" >> "$FAKE_LOG.times"
 [ "${FAKE_RC:-0}" != 0 ] && { echo "fake failure" >&2; exit "$FAKE_RC"; }
@@ -319,6 +320,41 @@ def test_a_missing_dataset_stops_before_any_run(fake, tmp_path):
     res = fake.run("run_all.sh", "--only", "table2", "--out_dir", fake.out, "--no-report",
                    "--dataset-override", str(tmp_path / "nowhere"), check=False)
     assert res.returncode == 2 and str(tmp_path / "nowhere") in res.stderr and len(fake.calls()) == 3
+
+
+def test_jobs_runs_several_at_a_time_on_the_cpu_with_one_thread_each_or_several_per_gpu(fake):
+    fake.env.pop("OMP_NUM_THREADS", None)
+    res = fake.run("run_all.sh", "--only", "table1", "--out_dir", fake.out, "--no-report", "--jobs", "2",
+                   extra_env={"FAKE_SLEEP": "0.4"})
+    assert "2 runs in parallel on the CPU, one thread each" in res.stdout
+    assert _max_overlap(Path(str(fake.log) + ".times")) == 2
+    assert {c for c, _ in fake.calls()} == {""}  # no GPU named
+    omp = Path(str(fake.log) + ".omp").read_text().split()
+    assert omp.count("OMP=1") == 6
+    res = fake.run("run_all.sh", "--only", "table2", "--out_dir", fake.out, "--no-report", "--jobs", "2",
+                   extra_env={"FAKE_SLEEP": "0.4", "FAKE_GPUS": "2"})
+    assert "4 runs in parallel, 2 per GPU" in res.stdout
+    assert {c for c, _ in fake.calls()[6:]} == {"0", "1"}
+    times = Path(str(fake.log) + ".times")
+    times.write_text("\n".join(times.read_text().splitlines()[12:]) + "\n")  # the table2 pass alone
+    assert _max_overlap(times) == 4
+    bad = fake.run("run_all.sh", "--only", "t1_db_20", "--jobs", "0", check=False)
+    assert bad.returncode == 2 and "--jobs must be a positive integer" in bad.stderr
+
+
+def test_the_report_keeps_records_only_for_the_default_run_folders(fake, tmp_path):
+    """After every finished run the report is rewritten; into docs/records only when the runs are the
+    real campaign (default --out_dir, no dataset override), never for a smoke pass elsewhere."""
+    fake.run("run_all.sh", "--only", "t1_db_20")
+    reports = [a for _, a in fake.calls() if a[:2] == ["-m", "data_process.report"]]
+    assert len(reports) == 2  # after the run, and at the end
+    assert all(_flag(a, "--records") == "docs/records" and "--save_records" in a for a in reports)
+    fake.run("run_all.sh", "--only", "t1_db_50", "--preset", "official")
+    assert _flag(fake.calls()[-1][1], "--records") == "docs/records/official"
+    fake.run("run_all.sh", "--only", "t1_db_80", "--out_dir", tmp_path / "smoke")
+    fake.run("run_all.sh", "--only", "t1_yg_20", "--dataset-override", "default")
+    for _, argv in fake.calls()[-5:]:
+        assert "--records" not in argv
 
 
 def test_one_gpu_runs_sequentially_on_it(fake):
