@@ -344,15 +344,23 @@ def test_jobs_runs_several_at_a_time_on_the_cpu_with_one_thread_each_or_several_
 
 def test_the_report_keeps_records_only_for_the_default_run_folders(fake, tmp_path):
     """After every finished run the report is rewritten; into docs/records only when the runs are the
-    real campaign (default --out_dir, no dataset override), never for a smoke pass elsewhere."""
-    fake.run("run_all.sh", "--only", "t1_db_20")
+    real campaign (default --out_dir, no dataset override), never for a smoke pass elsewhere.
+
+    run_all.sh works in its own folder, whose default runs/ may hold real runs: the scripts are copied
+    to a folder of their own here, so that the fake runs never touch the repository's runs/."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for script in ("run_all.sh", "run.sh"):
+        (repo / script).write_text((ROOT / script).read_text())
+    fake.run(repo / "run_all.sh", "--only", "t1_db_20")
     reports = [a for _, a in fake.calls() if a[:2] == ["-m", "data_process.report"]]
     assert len(reports) == 2  # after the run, and at the end
     assert all(_flag(a, "--records") == "docs/records" and "--save_records" in a for a in reports)
-    fake.run("run_all.sh", "--only", "t1_db_50", "--preset", "official")
+    assert (repo / "runs" / "t1_db_20" / "results.json").is_file()
+    fake.run(repo / "run_all.sh", "--only", "t1_db_50", "--preset", "official")
     assert _flag(fake.calls()[-1][1], "--records") == "docs/records/official"
-    fake.run("run_all.sh", "--only", "t1_db_80", "--out_dir", tmp_path / "smoke")
-    fake.run("run_all.sh", "--only", "t1_yg_20", "--dataset-override", "default")
+    fake.run(repo / "run_all.sh", "--only", "t1_db_80", "--out_dir", tmp_path / "smoke")
+    fake.run(repo / "run_all.sh", "--only", "t1_yg_20", "--dataset-override", "default")
     for _, argv in fake.calls()[-5:]:
         assert "--records" not in argv
 
