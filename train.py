@@ -198,7 +198,8 @@ OPTIONAL_CHECKPOINT_FIELDS = {
     "club": (dict, "CLUB's state dict"), "q_opt": (dict, "CLUB's optimiser state"),
     "curriculum": (np.ndarray, "the curriculum's pairs"), "best_model": (dict, "the best-validation weights"),
     "stopped": (int, "the early-stop epoch"), "provenance": (dict, "the provenance"),
-    "pseudo_steps": (list, "the pseudo-label steps"),
+    "pseudo_steps": (list, "the pseudo-label steps"), "pair_version": (int, "which training pairs the loss is over"),
+    "guard": (list, "the spike guard's rollbacks"),
 }
 
 
@@ -1024,7 +1025,9 @@ def set_up(cfg: Config, run: Path | None, ckpt: dict | None) -> Session:
         entity_group_layout(opt, model, split=len(ckpt["opt"]["param_groups"]) == 2)  # after a rollback: 2
         try:
             restore(ckpt, model, club, opt, q_opt, gen)
-        except (RuntimeError, ValueError, KeyError) as e:  # only --branch_from can give other flags here
+        except DataError as e:
+            if not cfg.branch_from or cfg.resume:
+                raise
             raise DataError(f"--branch_from {cfg.branch_from}: the checkpoint's model does not fit the flags given "
                             f"(a flag that shapes the model differs from the checkpoint's): {e}") from None
         start = ckpt["epoch"]
