@@ -772,8 +772,20 @@ def choose_entities(weights: np.ndarray, predictions: list[dict], n: int = 4) ->
     return [rows[i] for i in chosen]
 
 
+def gate_modality(gates, rows: np.ndarray) -> str | None:
+    """The modality whose expert gates Figure 4 shows: the image MoE's, as in the paper, else (data
+    without images) the one whose gates vary most between the entities ``rows`` (the mean over experts
+    of each gate's standard deviation over the entities)."""
+    names = [str(m) for m in gates["modalities"] if str(m) in gates.files]
+    if "image" in names:
+        return "image"
+    spread = {m: float(np.asarray(gates[m])[rows].std(0).mean()) for m in names if np.asarray(gates[m]).ndim == 2}
+    return max(spread, key=spread.get) if spread else None
+
+
 def fig4_data(run: Run | None, n: int = 4):
-    """(entity labels, modality names, (E, M) router weights, (E, K) image gates or None) or a reason."""
+    """(entity labels, modality names, (E, M) router weights, (E, K) gates of one modality or None, that
+    modality) or a reason."""
     if run is None or not run.finished:
         return f"run `{BASE_RUN}` is missing"
     wpath, gpath = run.folder / "modality_weights.npy", run.folder / "expert_gates.npz"
@@ -790,19 +802,20 @@ def fig4_data(run: Run | None, n: int = 4):
     for p in chosen:
         ids += [int(p["left_id"]), int(p["gold_right_id"])]
         labels += [f"{_short_name(p['left_name'])} (KG1)", f"{_short_name(p['gold_right_name'])} (KG2)"]
-    img = gates["image"][ids] if "image" in gates.files else None  # (E, K)
-    return labels, modalities, weights[ids], img
+    test_rows = np.array([int(p["left_id"]) for p in preds] + [int(p["gold_right_id"]) for p in preds])
+    shown = gate_modality(gates, test_rows)
+    return labels, modalities, weights[ids], (gates[shown][ids] if shown else None), shown  # (E, M), (E, K)
 
 
 def draw_fig4(plt, data, path: Path, smoke: bool) -> None:
-    labels, modalities, w, img = data
+    labels, modalities, w, img, shown = data
     ncols = 2 if img is not None else 1
     widths = [len(modalities), img.shape[1]] if img is not None else [len(modalities)]
     fig, axes = plt.subplots(1, ncols, figsize=(3.2 + 0.9 * sum(widths), 0.5 * len(labels) + 1.8),
                              gridspec_kw={"width_ratios": widths}, squeeze=False)
     panels = [(w, modalities, "router weights per modality (Eq. 11)")]
     if img is not None:
-        panels.append((img, [f"e{k + 1}" for k in range(img.shape[1])], "image-MoE expert gates (Eq. 7)"))
+        panels.append((img, [f"e{k + 1}" for k in range(img.shape[1])], f"{shown}-MoE expert gates (Eq. 7)"))
     for i, (ax, (mat, xt, title)) in enumerate(zip(axes[0], panels)):
         ax.imshow(mat, cmap="Blues", vmin=0, vmax=max(float(mat.max()), 1e-9), aspect="auto")
         ax.set_xticks(range(len(xt)))
@@ -820,17 +833,20 @@ def draw_fig4(plt, data, path: Path, smoke: bool) -> None:
 
 
 def fig4_section(data, figure: str | None, skipped: str | None) -> list[str]:
-    out = ["## Figure 4: router weights and image-expert gates of a few test pairs", "",
+    out = ["## Figure 4: router weights and expert gates of a few test pairs", "",
            f"From `{BASE_RUN}` (modality_weights.npy, expert_gates.npz, names from predictions.tsv). The entities "
-           "are correctly aligned test pairs that weigh different modalities most; darker = larger weight.", ""]
+           "are correctly aligned test pairs that weigh different modalities most; darker = larger weight. The "
+           "paper shows the image MoE's gates; on data without images the gates shown are those of the "
+           "modality whose gates vary most between the test entities.", ""]
     if isinstance(data, str):
         return out + [f"*Figure 4 not drawn: {data}*", ""]
     if figure:
         out += [f"![Figure 4]({figure})", ""]
     elif skipped:
         out += [f"*Figure skipped: {skipped}*", ""]
-    labels, modalities, w, img = data
-    header = ["entity", *modalities] + ([f"img e{k + 1}" for k in range(img.shape[1])] if img is not None else [])
+    labels, modalities, w, img, shown = data
+    short = "img" if shown == "image" else shown
+    header = ["entity", *modalities] + ([f"{short} e{k + 1}" for k in range(img.shape[1])] if img is not None else [])
     rows = [[lab, *[f"{v:.3f}" for v in w[i]], *([f"{v:.3f}" for v in img[i]] if img is not None else [])]
             for i, lab in enumerate(labels)]
     return out + _md_table(header, rows) + [""]

@@ -282,3 +282,17 @@ def test_the_readme_table_is_spliced_between_its_markers_and_says_what_the_data_
     bare.write_text("# no markers\n")
     with pytest.raises(ValueError, match="no '<!-- results:begin -->'"):
         report.splice_readme(bare, ["x"])
+
+
+def test_figure_4_shows_the_image_gates_or_else_the_most_varied_ones(tmp_path):
+    """Data without images: the gates shown are the modality's whose gates differ most between the test
+    entities (here rel_text's, one-hot on alternating experts, against attr_bow's constant gates)."""
+    n = 6
+    rel_text = np.eye(3, dtype=np.float32)[np.arange(n) % 3]  # (N, K) one-hot, varied
+    attr_bow = np.full((n, 3), 1 / 3, dtype=np.float32)  # the same for everyone
+    path = tmp_path / "gates.npz"
+    np.savez(path, modalities=np.array(["graph", "rel_text", "attr_bow"]), graph=rel_text[:, :2] * 0.5 + 0.25,
+             rel_text=rel_text, attr_bow=attr_bow)
+    assert report.gate_modality(np.load(path), np.arange(n)) == "rel_text"
+    np.savez(path, modalities=np.array(["image", "rel_text"]), image=attr_bow, rel_text=rel_text)
+    assert report.gate_modality(np.load(path), np.arange(n)) == "image"  # the paper's panel when there is one
