@@ -857,6 +857,40 @@ def fig4_section(data, figure: str | None, skipped: str | None) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h"
+
+
+def status_lines(runs: list[Run]) -> list[str]:
+    """What is done, what is left and what a run costs here (the median training time of the finished
+    runs of the same dataset and rate; the iterative lines train 1.5 times as many epochs)."""
+    cost: dict[tuple[str, float], list[float]] = {}
+    for r in runs:
+        secs = (r.results or {}).get("train_seconds")
+        whole = ((r.results or {}).get("last_epoch") or {}).get("epoch") == (r.config or {}).get("epochs")
+        if r.finished and secs and whole and not (r.config or {}).get("il") and not r.smoke_reasons():
+            cost.setdefault((r.spec.dataset, r.spec.rate), []).append(float(secs))
+    rows = []
+    for table in TABLES:
+        mine = [r for r in runs if r.spec.table == table]
+        left = [r for r in mine if not r.finished]
+        estimate = []
+        for r in left:
+            seen = cost.get((r.spec.dataset, r.spec.rate))
+            if seen:
+                estimate.append(float(np.median(seen)) * (1.5 if table == "il" else 1.0))
+        known = f"{_hours(sum(estimate))}" + (f" for {len(estimate)} of them" if len(estimate) < len(left) else "")
+        rows.append([table, f"{len(mine) - len(left)} of {len(mine)}",
+                     ", ".join(f"`{r.spec.name}`" for r in left) if len(left) <= 4 else f"{len(left)} runs",
+                     known if estimate else ("-" if not left else "not measured yet")])
+    per = "; ".join(f"{DATASET_LABEL[d]} {rate:.0%} {_hours(float(np.median(v)))}"
+                    for (d, rate), v in sorted(cost.items()))
+    return ["## Status", "", *_md_table(["table", "done", "left", "time left here (one run at a time)"], rows), "",
+            "A run costs here (median training time of the finished runs, one thread beside another run on a "
+            f"2-core CPU without a GPU): {per or 'nothing measured yet'}. `bash run_all.sh --list` shows each "
+            "command with todo / done / resume.", ""]
+
+
 def preset_lines(finished: list[Run]) -> list[str]:
     """Which method the finished runs are (their config's --preset): the paper's or the official code's."""
     presets = sorted({(r.config or {}).get("preset", "paper") for r in finished})
@@ -908,6 +942,7 @@ def build_report(runs_dir: Path, out: Path, figures: Path | None = None, run_all
                 "'finished (record)')" if records_dir is not None else "")
              + ". A run without either shows as **missing**.",
              f"{len(finished)} of {len(runs)} runs of run_all.sh are finished.", ""]
+    lines += status_lines(runs)
     lines += preset_lines(finished)
     if smoke:
         datasets = sorted({r.dataset_name for r in smoke})

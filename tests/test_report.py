@@ -296,3 +296,14 @@ def test_figure_4_shows_the_image_gates_or_else_the_most_varied_ones(tmp_path):
     assert report.gate_modality(np.load(path), np.arange(n)) == "rel_text"
     np.savez(path, modalities=np.array(["image", "rel_text"]), image=attr_bow, rel_text=rel_text)
     assert report.gate_modality(np.load(path), np.arange(n)) == "image"  # the paper's panel when there is one
+
+
+def test_the_status_says_what_is_left_and_what_it_costs_here(tmp_path):
+    runs = tmp_path / "runs"
+    make_run(runs, BASE_RUN, 0.5)  # 12.5 s of training in make_run
+    make_run(runs, "t1_db_20_s43", 0.5)
+    status = _section(build_report(runs, tmp_path / "r.md"), "Status")
+    assert "| table2 | 0 of 10 | 10 runs | 0.0 h |" in status  # 10 x 12.5 s
+    assert "| seeds | 1 of 2 | `t1_db_20_s44` | 0.0 h |" in status
+    assert "| table1 | 1 of 6 | 5 runs | not measured yet |" in status  # no finished run at 50 / 80% or on YAGO
+    assert "FB15K-DB15K 20% 0.0 h" in status
