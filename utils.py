@@ -155,11 +155,11 @@ class Config:
                                     "more than this many times its lowest since the last evaluation (on the same "
                                     "pairs), the run returns to its state at that evaluation and goes on with the "
                                     "entity table's learning rate times --spike_guard_lr (0 = off; "
-                                    "docs/reliability.md, 'Loss spikes')")
+                                    "docs/reliability.md, 'the loss spikes')")
     spike_guard_from: int = _flag(100, "the epoch from which --spike_guard watches (in the first epochs the loss "
-                                       "per pair can rise x1.1 between two epochs while the router and the experts "
-                                       "settle, measured on the small synthetic pair; the spikes seen came after "
-                                       "epoch 500)")
+                                       "per pair can rise by x1.1-x1.25 from one epoch to the next while the router "
+                                       "and the experts settle, measured on the tests' small synthetic pair; the "
+                                       "spikes seen came after epoch 500)")
     spike_guard_lr: float = _flag(0.5, "what each rollback of --spike_guard multiplies the learning rate of the "
                                        "entity table by (of every parameter when the graph is off), in (0, 1]")
     dropout: float = _flag(0.0, "dropout on the GAT layer inputs, in [0, 1)")
