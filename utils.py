@@ -183,15 +183,16 @@ class Config:
     il_start: int = _flag(-1, "epoch at which iterative training starts (-1 = after --epochs)")
     il_epochs: int = _flag(500, "extra epochs of iterative training after --epochs (the paper's +500)")
     il_step: int = _flag(10, "epochs between two pseudo-label updates")
-    il_select: str = _flag("accumulate", "what a pseudo-label update does: accumulate (the mutual nearest "
-                                         "neighbours among the entities in no pair yet join the pseudo pairs, "
-                                         "which keep every pair once added) or reselect (the pseudo pairs become "
-                                         "the mutual nearest neighbours among every entity outside the seed "
-                                         "pairs: a pair that is no longer mutual leaves)",
-                           choices=("accumulate", "reselect"))
-    il_margin: float = _flag(0.0, "keep a mutual nearest pair only if its CSLS score is at least this far above "
-                                  "the runner-up's in both directions (CSLS units, 2 cos - r_l - r_r; 0 = every "
-                                  "mutual pair)")
+    il_select: str = _flag("reselect", "what a pseudo-label update does: reselect (the pseudo pairs become the "
+                                       "mutual nearest neighbours among every entity outside the seed pairs: a "
+                                       "pair that is no longer mutual leaves) or accumulate (those among the "
+                                       "entities in no pair yet join the pseudo pairs, which keep every pair once "
+                                       "added; the precision of its additions falls step by step, "
+                                       "docs/accuracy.md)", choices=("reselect", "accumulate"))
+    il_margin: float = _flag(0.05, "keep a mutual nearest pair only if its CSLS score is at least this far "
+                                   "above the runner-up's in both directions (CSLS units, 2 cos - r_l - r_r; 0 = "
+                                   "every mutual pair; 0.05 took 90% right pairs against 74% on FB15K-DB15K 20%, "
+                                   "docs/accuracy.md)")
     device: str = _flag("cuda" if torch.cuda.is_available() else "cpu",
                         "torch device, e.g. cpu, cuda, cuda:1; the default is cuda on a machine with CUDA, else "
                         "cpu (on this machine: %(default)s)")

@@ -91,7 +91,8 @@ def test_pseudo_label_step_skips_aligned_entities_and_reads_no_label():
 def test_iterative_run_end_to_end(tiny_synthetic, tmp_path):
     argv = ["--file_dir", str(tiny_synthetic), "--rate", "0.3", "--epochs", "3", "--il", "--il_epochs", "4",
             "--il_step", "2", "--check_point", "1", "--hidden_units", "16,16,16", "--heads", "2,2",
-            "--n_exp", "2", "--bsize", "16", "--device", "cpu", "--out_dir", str(tmp_path), "--run_name", "il"]
+            "--n_exp", "2", "--bsize", "16", "--device", "cpu", "--out_dir", str(tmp_path), "--run_name", "il",
+            "--il_select", "accumulate", "--il_margin", "0"]  # every step adds, nothing leaves
     res = train.main(*train.parse_args(argv))
     run = tmp_path / "il"
 
