@@ -199,7 +199,7 @@ OPTIONAL_CHECKPOINT_FIELDS = {
     "curriculum": (np.ndarray, "the curriculum's pairs"), "best_model": (dict, "the best-validation weights"),
     "stopped": (int, "the early-stop epoch"), "provenance": (dict, "the provenance"),
     "pseudo_steps": (list, "the pseudo-label steps"), "pair_version": (int, "which training pairs the loss is over"),
-    "guard": (list, "the spike guard's rollbacks"),
+    "guard": (list, "the spike guard's rollbacks"), "guard_reference": (list, "the spike guard's reference loss"),
 }
 
 
@@ -792,8 +792,16 @@ class SpikeGuard:
         self.reference: tuple[int, float] | None = None  # (pair_version, lowest loss per pair since kept)
         self.rise = 1.0  # the largest loss per pair over the reference since the last evaluation
 
+    def mark(self, s: Session, version: int, per_pair: float) -> None:
+        """A good state: the reference starts again from its epoch's loss. The reference travels in the
+        checkpoint (state["guard_reference"]), so a resumed run watches exactly as the run would have."""
+        self.reference, self.rise = (version, per_pair), 1.0
+        s.state["guard_reference"] = [version, per_pair]
+
     def keep(self, s: Session, epoch: int) -> None:
         self.kept = copy.deepcopy(s.snapshot(epoch))
+        reference = s.state.get("guard_reference")
+        self.reference = (int(reference[0]), float(reference[1])) if reference else None
 
     def spike(self, epoch_loss: float, pairs: int, version: int) -> float | None:
         """The epoch's ratio to the reference when it is a spike, else None (and the reference moves)."""
@@ -817,8 +825,8 @@ class SpikeGuard:
         entity_group_layout(s.opt, s.model, split=len(kept["opt"]["param_groups"]) == 2)
         restore(copy.deepcopy(kept), s.model, s.club, s.opt, s.q_opt, s.gen)  # kept stays as it was
         for key in ("history", "pseudo_pairs", "pseudo_steps", "curriculum", "best_model", "stopped",
-                    "pair_version"):
-            s.state[key] = copy.deepcopy(kept[key])
+                    "pair_version", "guard_reference"):
+            s.state[key] = copy.deepcopy(kept.get(key))
         if table is not None:
             entity_group_layout(s.opt, s.model, split=True)
             s.opt.param_groups[-1]["lr"] = rates[-1]
@@ -833,7 +841,9 @@ class SpikeGuard:
                       f"epoch {kept['epoch']} (> x{self.threshold}, --spike_guard): rolled back to epoch "
                       f"{kept['epoch']}, going on with the {remedy} (rollback {len(s.state['guard'])} of at most "
                       f"{GUARD_MAX_ROLLBACKS})")
-        self.reference, self.rise = None, 1.0  # as they were when the state was kept
+        reference = kept.get("guard_reference")
+        self.reference = (int(reference[0]), float(reference[1])) if reference else None  # as when kept
+        self.rise = 1.0
         return kept["epoch"]
 
     def exhausted(self, s: Session) -> bool:
@@ -1019,7 +1029,8 @@ def set_up(cfg: Config, run: Path | None, ckpt: dict | None) -> Session:
              "config": cfg.to_dict(), "seconds": 0.0, "curriculum": None,
              "provenance": provenance(device, data_root),
              "best_model": None, "stopped": None,  # --early_stop: the best-validation weights, the stop epoch
-             "pair_version": 0, "guard": []}  # what the training pairs are (see epoch_pairs); --spike_guard's rollbacks
+             # which training pairs the loss is over (epoch_pairs); --spike_guard's rollbacks and reference
+             "pair_version": 0, "guard": [], "guard_reference": None}
     start = 0
     if ckpt is not None:
         entity_group_layout(opt, model, split=len(ckpt["opt"]["param_groups"]) == 2)  # after a rollback: 2
@@ -1034,7 +1045,8 @@ def set_up(cfg: Config, run: Path | None, ckpt: dict | None) -> Session:
         state.update(history=ckpt["history"], pseudo_pairs=ckpt["pseudo_pairs"], seconds=ckpt["seconds"],
                      pseudo_steps=ckpt.get("pseudo_steps", []), curriculum=ckpt.get("curriculum"),
                      best_model=ckpt.get("best_model"), stopped=ckpt.get("stopped"),
-                     pair_version=ckpt.get("pair_version", 0), guard=ckpt.get("guard", []))
+                     pair_version=ckpt.get("pair_version", 0), guard=ckpt.get("guard", []),
+                     guard_reference=ckpt.get("guard_reference"))
         first = ckpt.get("provenance") or {}
         if not cfg.branch_from or cfg.resume:
             state["provenance"].update(started=first.get("started"), resumed=[
@@ -1179,13 +1191,14 @@ def epoch_loop(s: Session) -> None:
         last_h1 = state["history"][-1]["test"]["avg"]["hits@1"] if state["history"] else float("nan")
         progress.update(epoch, terms["loss"], last_h1)
         saved = cfg.save_every and epoch % cfg.save_every == 0 and epoch < cfg.total_epochs
+        if guard and (evaluated or saved):  # a good state: before the save, so the checkpoint has it
+            guard.mark(s, terms["pair_version"], terms["loss"] / len(current))
         if saved:
             s.add_elapsed()
             atomic_torch_save(s.run / "checkpoint.pt", s.snapshot(epoch))
             s.saved_epoch = epoch
         if guard and (evaluated or saved):
             guard.keep(s, epoch)
-            guard.rise = 1.0
     progress.close()
     s.add_elapsed()
 
