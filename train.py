@@ -200,6 +200,7 @@ OPTIONAL_CHECKPOINT_FIELDS = {
     "stopped": (int, "the early-stop epoch"), "provenance": (dict, "the provenance"),
     "pseudo_steps": (list, "the pseudo-label steps"), "pair_version": (int, "which training pairs the loss is over"),
     "guard": (list, "the spike guard's rollbacks"), "guard_reference": (list, "the spike guard's reference loss"),
+    "peak_grad": ((int, float), "the largest gradient norm since the last evaluation"),
 }
 
 
@@ -825,7 +826,7 @@ class SpikeGuard:
         entity_group_layout(s.opt, s.model, split=len(kept["opt"]["param_groups"]) == 2)
         restore(copy.deepcopy(kept), s.model, s.club, s.opt, s.q_opt, s.gen)  # kept stays as it was
         for key in ("history", "pseudo_pairs", "pseudo_steps", "curriculum", "best_model", "stopped",
-                    "pair_version", "guard_reference"):
+                    "pair_version", "guard_reference", "peak_grad"):
             s.state[key] = copy.deepcopy(kept.get(key))
         if table is not None:
             entity_group_layout(s.opt, s.model, split=True)
@@ -1030,7 +1031,8 @@ def set_up(cfg: Config, run: Path | None, ckpt: dict | None) -> Session:
              "provenance": provenance(device, data_root),
              "best_model": None, "stopped": None,  # --early_stop: the best-validation weights, the stop epoch
              # which training pairs the loss is over (epoch_pairs); --spike_guard's rollbacks and reference
-             "pair_version": 0, "guard": [], "guard_reference": None}
+             "pair_version": 0, "guard": [], "guard_reference": None,
+             "peak_grad": 0.0}  # the largest gradient norm since the last evaluation, carried by checkpoints
     start = 0
     if ckpt is not None:
         entity_group_layout(opt, model, split=len(ckpt["opt"]["param_groups"]) == 2)  # after a rollback: 2
@@ -1046,7 +1048,7 @@ def set_up(cfg: Config, run: Path | None, ckpt: dict | None) -> Session:
                      pseudo_steps=ckpt.get("pseudo_steps", []), curriculum=ckpt.get("curriculum"),
                      best_model=ckpt.get("best_model"), stopped=ckpt.get("stopped"),
                      pair_version=ckpt.get("pair_version", 0), guard=ckpt.get("guard", []),
-                     guard_reference=ckpt.get("guard_reference"))
+                     guard_reference=ckpt.get("guard_reference"), peak_grad=ckpt.get("peak_grad", 0.0))
         first = ckpt.get("provenance") or {}
         if not cfg.branch_from or cfg.resume:
             state["provenance"].update(started=first.get("started"), resumed=[
@@ -1154,7 +1156,6 @@ def epoch_loop(s: Session) -> None:
         checkpoint_record(s, 0, {}, sample, pair_samples)
         s.tic = time.perf_counter()
     progress = Progress(s.start, cfg.total_epochs)
-    peak_grad = 0.0  # the largest gradient norm since the last evaluation
     guard = SpikeGuard(cfg.spike_guard, cfg.spike_guard_lr) if cfg.spike_guard else None
     if guard:
         guard.keep(s, s.start)
@@ -1172,16 +1173,16 @@ def epoch_loop(s: Session) -> None:
         if guard and epoch >= cfg.spike_guard_from and not guard.exhausted(s):
             ratio = guard.spike(terms["loss"], len(current), state["pair_version"])
             if ratio is not None:
-                epoch, peak_grad = guard.roll_back(s, epoch, ratio), 0.0
+                epoch = guard.roll_back(s, epoch, ratio)
                 continue
         if cfg.il and epoch > il_start and (epoch - il_start) % cfg.il_step == 0:
             add_pseudo_labels(s, epoch)
-        peak_grad = max(peak_grad, terms["grad_norm"])
+        state["peak_grad"] = max(state["peak_grad"], terms["grad_norm"])  # since the last evaluation
         evaluated = epoch % cfg.check_point == 0 or epoch == cfg.total_epochs
         if evaluated:
-            extra = {"grad_norm_max": peak_grad, **({"loss_rise_max": guard.rise} if guard else {})}
+            extra = {"grad_norm_max": state["peak_grad"], **({"loss_rise_max": guard.rise} if guard else {})}
             checkpoint_record(s, epoch, {**terms, **extra}, sample, pair_samples)
-            peak_grad = 0.0
+            state["peak_grad"] = 0.0
             key = VALID_KEYS[cfg.valid_pool]
             if cfg.early_stop and stale_evaluations(state["history"], key) >= cfg.early_stop:
                 state["stopped"] = epoch
