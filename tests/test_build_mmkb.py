@@ -437,6 +437,13 @@ def test_parse_args_defaults_and_help():
         build_mmkb.parse_args(["--mmkb", "m", "--dataset", "FB15K_WIKI"])
 
 
+def assert_line_counts(folder: Path, counts: dict[str, int]) -> None:
+    """Each built file of ``folder`` has the expected number of lines."""
+    for name, n in counts.items():
+        with open(folder / name, encoding="utf-8") as f:
+            assert sum(1 for _ in f) == n, name
+
+
 @pytest.mark.skipif(not REAL_MMKB.is_dir(), reason=f"raw MMKB files not found at {REAL_MMKB}")
 def test_real_fb15k_db15k(tmp_path):
     """The raw FB15K/DB15K: the complete FB15k graph (592,213 triples; about 5 s with --no_text)."""
@@ -450,17 +457,8 @@ def test_real_fb15k_db15k(tmp_path):
     assert stats["links"]["links"] == 12_846
     assert stats["links"]["links_both_ends_in_triples"] == 12_846
     assert stats["links"]["kg2_entities_linked_more_than_once"] == 4
-    d = tmp_path / "FB15K_DB15K"
-    for name, n in [
-        ("ent_ids_1", 14_951),
-        ("ent_ids_2", 12_842),
-        ("triples_1", 592_213),
-        ("triples_2", 99_028),
-        ("ill_ent_ids", 12_846),
-        ("rel_names", 1_624),
-    ]:
-        with open(d / name, encoding="utf-8") as f:
-            assert sum(1 for _ in f) == n, name
+    assert_line_counts(tmp_path / "FB15K_DB15K", {"ent_ids_1": 14_951, "ent_ids_2": 12_842, "triples_1": 592_213,
+                                                   "triples_2": 99_028, "ill_ent_ids": 12_846, "rel_names": 1_624})
 
 
 @pytest.mark.skipif(not (REAL_MMKB / "YAGO15K").is_dir(), reason=f"raw YAGO15K files not found at {REAL_MMKB}")
@@ -489,16 +487,6 @@ def test_real_fb15k_yago15k(tmp_path):
         "kg1_entities_linked_more_than_once": 0,
         "kg2_entities_linked_more_than_once": 0,
     }
-    d = tmp_path / "FB15K_YAGO15K"
-    for name, n in [
-        ("ent_ids_1", 14_951),
-        ("ent_ids_2", 15_371),
-        ("triples_1", 592_213),
-        ("triples_2", 70_414),
-        ("ill_ent_ids", 11_199),
-        ("rel_names", 1_377),
-        ("training_attrs_2", 15_057),
-        ("attr_triples_2", 23_503),
-    ]:
-        with open(d / name, encoding="utf-8") as f:
-            assert sum(1 for _ in f) == n, name
+    assert_line_counts(tmp_path / "FB15K_YAGO15K", {"ent_ids_1": 14_951, "ent_ids_2": 15_371, "triples_1": 592_213,
+                                                     "triples_2": 70_414, "ill_ent_ids": 11_199, "rel_names": 1_377,
+                                                     "training_attrs_2": 15_057, "attr_triples_2": 23_503})

@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TOY_FILES, TOY_IMAGE, TOY_REL_TEXT, write_folder
+from test_untrusted_inputs import same
 
 import train
 from data_process.dataset import load_dataset, normalise_features
@@ -213,20 +214,6 @@ def dataset_kept_promises(data) -> None:
         assert x.dtype == np.float32 and x.ndim == 2 and x.shape[0] == n and x.shape[1] > 0, m
         assert np.isfinite(x).all() and np.isfinite(normalise_features({m: x}, "l2")[m]).all(), m
         assert data.present[m].shape == (n,) and data.coverage[m] >= MIN_FEATURE_COVERAGE, m
-
-
-def same(a, b) -> bool:
-    if type(a) is not type(b):
-        return False
-    if isinstance(a, dict):
-        return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-    if isinstance(a, torch.Tensor):
-        return a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, np.ndarray):
-        return a.dtype == b.dtype and np.array_equal(a, b)
-    return a == b or (a != a and b != b)
 
 
 # ---------------------------------------------------------------------------------------------
