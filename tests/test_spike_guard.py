@@ -12,23 +12,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_reliability import _args as reliability_args
+from test_reliability import _metrics
 
 import train
 from train import SpikeGuard, entity_group_layout, loss_spike_warning
 
-SMALL = ["--hidden_units", "16,16,16", "--heads", "2,2", "--n_exp", "2", "--bsize", "16", "--club_bsize", "16",
-         "--device", "cpu", "--eval_chunk", "64", "--check_point", "5", "--spike_guard_from", "1",
-         "--spike_guard", "2"]  # the loss per pair of 8 training pairs wobbles by up to x1.25 from epoch to epoch
-BROKEN_AFTER = 12  # the epoch after which the table is overwritten: the spike shows at epoch 13
+# The loss per pair of the tiny pair's 8 training pairs wobbles by up to x1.25 from epoch to epoch.
+GUARD = ["--spike_guard_from", "1", "--spike_guard", "2"]
+BROKEN_AFTER = 12  # the epoch after which the parameters are broken: the spike shows at epoch 13
 
 
 def _args(data: Path, out: Path, name: str, *extra: str) -> list[str]:
-    return ["--file_dir", str(data), "--out_dir", str(out), "--run_name", name, *SMALL, *extra]
-
-
-def _metrics(run: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    return reliability_args(data, out, name, *GUARD, *extra)
 
 
 def _results(run: Path) -> dict:
