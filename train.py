@@ -744,10 +744,7 @@ def rows_in(pairs: np.ndarray, reference: np.ndarray) -> np.ndarray:
 
 def pair_overlap(pairs: np.ndarray, reference: np.ndarray) -> int:
     """How many rows of ``pairs`` are also rows of ``reference``."""
-    if len(pairs) == 0 or len(reference) == 0:
-        return 0
-    ref = {(int(a), int(b)) for a, b in reference}
-    return sum((int(a), int(b)) in ref for a, b in pairs)
+    return int(rows_in(pairs, reference).sum())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -801,6 +798,10 @@ class SpikeGuard:
 
     def keep(self, s: Session, epoch: int) -> None:
         self.kept = copy.deepcopy(s.snapshot(epoch))
+        self.load_reference(s)
+
+    def load_reference(self, s: Session) -> None:
+        """The reference of the state kept (or resumed), which the state carries."""
         reference = s.state.get("guard_reference")
         self.reference = (int(reference[0]), float(reference[1])) if reference else None
 
@@ -842,8 +843,7 @@ class SpikeGuard:
                       f"epoch {kept['epoch']} (> x{self.threshold}, --spike_guard): rolled back to epoch "
                       f"{kept['epoch']}, going on with the {remedy} (rollback {len(s.state['guard'])} of at most "
                       f"{GUARD_MAX_ROLLBACKS})")
-        reference = kept.get("guard_reference")
-        self.reference = (int(reference[0]), float(reference[1])) if reference else None  # as when kept
+        self.load_reference(s)  # as when kept: the state is the kept one again
         self.rise = 1.0
         return kept["epoch"]
 
@@ -1035,11 +1035,12 @@ def set_up(cfg: Config, run: Path | None, ckpt: dict | None) -> Session:
              "peak_grad": 0.0}  # the largest gradient norm since the last evaluation, carried by checkpoints
     start = 0
     if ckpt is not None:
+        resuming = not cfg.branch_from or cfg.resume  # else a new run --branch_from the checkpoint
         entity_group_layout(opt, model, split=len(ckpt["opt"]["param_groups"]) == 2)  # after a rollback: 2
         try:
             restore(ckpt, model, club, opt, q_opt, gen)
         except DataError as e:
-            if not cfg.branch_from or cfg.resume:
+            if resuming:
                 raise
             raise DataError(f"--branch_from {cfg.branch_from}: the checkpoint's model does not fit the flags given "
                             f"(a flag that shapes the model differs from the checkpoint's): {e}") from None
@@ -1050,7 +1051,7 @@ def set_up(cfg: Config, run: Path | None, ckpt: dict | None) -> Session:
                      pair_version=ckpt.get("pair_version", 0), guard=ckpt.get("guard", []),
                      guard_reference=ckpt.get("guard_reference"), peak_grad=ckpt.get("peak_grad", 0.0))
         first = ckpt.get("provenance") or {}
-        if not cfg.branch_from or cfg.resume:
+        if resuming:
             state["provenance"].update(started=first.get("started"), resumed=[
                 *first.get("resumed", []), {"epoch": start, "at": state["provenance"]["started"]}])
             log.info(kv(resumed_from=str(run), epoch=start, pseudo_pairs=len(state["pseudo_pairs"])))
@@ -1192,13 +1193,14 @@ def epoch_loop(s: Session) -> None:
         last_h1 = state["history"][-1]["test"]["avg"]["hits@1"] if state["history"] else float("nan")
         progress.update(epoch, terms["loss"], last_h1)
         saved = cfg.save_every and epoch % cfg.save_every == 0 and epoch < cfg.total_epochs
-        if guard and (evaluated or saved):  # a good state: before the save, so the checkpoint has it
+        good = guard and (evaluated or saved)
+        if good:  # before the save, so that the checkpoint carries the reference
             guard.mark(s, terms["pair_version"], terms["loss"] / len(current))
         if saved:
             s.add_elapsed()
             atomic_torch_save(s.run / "checkpoint.pt", s.snapshot(epoch))
             s.saved_epoch = epoch
-        if guard and (evaluated or saved):
+        if good:
             guard.keep(s, epoch)
     progress.close()
     s.add_elapsed()
