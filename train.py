@@ -721,18 +721,23 @@ def health_warnings(health: dict) -> list[str]:
     return out
 
 
-def pseudo_label_step(model: HUMEA, inputs: ModelInputs, data: MMKG, train_pairs: np.ndarray, cfg: Config):
-    """Iterative training: mutual CSLS nearest neighbours among the entities that are in none of
-    ``train_pairs``, with a CSLS margin of at least --il_margin. Uses no label; the gold links are read
-    only to report precision."""
+def pseudo_label_candidates(model: HUMEA, inputs: ModelInputs, data: MMKG, train_pairs: np.ndarray, cfg: Config):
+    """The mutual CSLS nearest neighbours among the entities that are in none of ``train_pairs``, (P, 2),
+    with each one's CSLS margin over its runner-up (P,)."""
     aligned = np.zeros(data.num_entities, dtype=bool)
     aligned[train_pairs.ravel()] = True
     left = np.nonzero((data.kg == 0) & ~aligned)[0]
     right = np.nonzero((data.kg == 1) & ~aligned)[0]
     release_free_heap()
     emb = model.embed(np.concatenate([left, right]), inputs).fused
-    pairs, margins = mutual_nearest_pairs(emb[:len(left)], emb[len(left):], left, right, cfg.csls_k, cfg.eval_chunk,
-                                          with_margins=True)
+    return mutual_nearest_pairs(emb[:len(left)], emb[len(left):], left, right, cfg.csls_k, cfg.eval_chunk,
+                                with_margins=True)
+
+
+def pseudo_label_step(model: HUMEA, inputs: ModelInputs, data: MMKG, train_pairs: np.ndarray, cfg: Config):
+    """Iterative training: the candidates (pseudo_label_candidates) with a CSLS margin of at least
+    --il_margin. Uses no label; the gold links are read only to report precision."""
+    pairs, margins = pseudo_label_candidates(model, inputs, data, train_pairs, cfg)
     return pairs[margins >= cfg.il_margin] if cfg.il_margin else pairs
 
 

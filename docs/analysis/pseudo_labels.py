@@ -15,12 +15,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import train  # noqa: E402  (the repository root is on the path only now)
-from utils import DataError, mutual_nearest_pairs  # noqa: E402
+from utils import DataError  # noqa: E402
 
 
 def margin_table(ckpt_path: Path, margins: list[float]) -> list[dict]:
@@ -30,15 +28,8 @@ def margin_table(ckpt_path: Path, margins: list[float]) -> list[dict]:
     ckpt = train.read_checkpoint(ckpt_path)
     cfg = train.saved_config(ckpt["config"], str(ckpt_path))
     s = train.set_up(cfg, ckpt_path.parent, ckpt)
-    data = s.data
-    aligned = np.zeros(data.num_entities, dtype=bool)
-    aligned[s.train_pairs.ravel()] = True
-    left = np.nonzero((data.kg == 0) & ~aligned)[0]
-    right = np.nonzero((data.kg == 1) & ~aligned)[0]
-    emb = s.model.embed(np.concatenate([left, right]), s.inputs).fused
-    pairs, gaps = mutual_nearest_pairs(emb[:len(left)], emb[len(left):], left, right, cfg.csls_k, cfg.eval_chunk,
-                                       with_margins=True)
-    gold = train.rows_in(pairs, data.links)
+    pairs, gaps = train.pseudo_label_candidates(s.model, s.inputs, s.data, s.train_pairs, cfg)
+    gold = train.rows_in(pairs, s.data.links)
     rows = []
     for m in margins:
         keep = gaps >= m
