@@ -201,6 +201,9 @@ OPTIONAL_CHECKPOINT_FIELDS = {
     "pseudo_steps": (list, "the pseudo-label steps"), "pair_version": (int, "which training pairs the loss is over"),
     "guard": (list, "the spike guard's rollbacks"), "guard_reference": (list, "the spike guard's reference loss"),
     "peak_grad": ((int, float), "the largest gradient norm since the last evaluation"),
+    "brakes": (list, "the table brake's events"), "brake_window": (list, "the table brake's recent gradients"),
+    "brake_version": (int, "which training pairs the brake's gradients are of"),
+    "brake_rise": ((int, float), "the table brake's largest ratio since the last evaluation"),
 }
 
 
@@ -486,6 +489,9 @@ def train_epoch(model: HUMEA, club: CLUBDisentanglement | None, inputs: ModelInp
     terms = {k: float(torch.as_tensor(v).detach()) for k, v in terms.items()}
     opt.zero_grad(set_to_none=True)
     total.backward()
+    table = entity_table(model)
+    if table is not None and table.grad is not None:  # what --table_brake watches (before any clipping)
+        terms["table_grad_norm"] = float(torch.linalg.vector_norm(table.grad, dtype=torch.float64))
     terms["grad_norm"] = clip_gradient(model, cfg.grad_clip)
     opt.step()
     if club is not None:
@@ -777,6 +783,20 @@ def entity_group_layout(opt: torch.optim.Optimizer, model: HUMEA, split: bool) -
         opt.param_groups = [{**settings, "params": list(model.parameters())}]
 
 
+def slow_entity_table(s: Session, factor: float, rates: list[float] | None = None) -> str:
+    """Multiply the entity table's learning rate by ``factor`` (its own AdamW group from now on); with the
+    graph switched off, every group's. ``rates``: the rates to multiply (default: those in force). The
+    remedy, in words, for the log."""
+    rates = [g["lr"] for g in s.opt.param_groups] if rates is None else rates
+    if entity_table(s.model) is not None:
+        entity_group_layout(s.opt, s.model, split=True)
+        s.opt.param_groups[-1]["lr"] = rates[-1] * factor  # the table's group is the last in either layout
+        return f"entity table's learning rate at {rates[-1] * factor:.4g}"
+    for group, lr in zip(s.opt.param_groups, rates):
+        group["lr"] = lr * factor
+    return f"learning rate at {', '.join(f'{lr * factor:.4g}' for lr in rates)} (no entity table: every parameter)"
+
+
 class SpikeGuard:
     """--spike_guard: watch every epoch's training loss per pair; on a spike, go back to the last good
     state and go on with a lower rate for the entity table (docs/accuracy.md, "Late loss spikes": both
@@ -825,23 +845,14 @@ class SpikeGuard:
 
     def roll_back(self, s: Session, epoch: int, ratio: float) -> int:
         """Return to the kept state with the remedy applied; the epoch to continue after."""
-        kept, table = self.kept, entity_table(s.model)
-        # The rates in force now (lowered by earlier rollbacks), times the factor. The table's group is
-        # the last one in either layout.
-        rates = [g["lr"] * self.lr_factor for g in s.opt.param_groups]
+        kept = self.kept
+        rates = [g["lr"] for g in s.opt.param_groups]  # in force now (lowered by earlier rollbacks or brakes)
         entity_group_layout(s.opt, s.model, split=len(kept["opt"]["param_groups"]) == 2)
         restore(copy.deepcopy(kept), s.model, s.club, s.opt, s.q_opt, s.gen)  # kept stays as it was
         for key in ("history", "pseudo_pairs", "pseudo_steps", "curriculum", "best_model", "stopped",
-                    "pair_version", "guard_reference", "peak_grad"):
-            s.state[key] = copy.deepcopy(kept.get(key))
-        if table is not None:
-            entity_group_layout(s.opt, s.model, split=True)
-            s.opt.param_groups[-1]["lr"] = rates[-1]
-            remedy = f"entity table's learning rate at {rates[-1]:.4g}"
-        else:
-            for group, lr in zip(s.opt.param_groups, rates):
-                group["lr"] = lr
-            remedy = f"learning rate at {', '.join(f'{lr:.4g}' for lr in rates)} (no entity table: every parameter)"
+                    "pair_version", "guard_reference", "peak_grad", "brake_window", "brake_version", "brake_rise"):
+            s.state[key] = copy.deepcopy(kept.get(key))  # not "brakes": a brake since then stays in the rates
+        remedy = slow_entity_table(s, self.lr_factor, rates)
         event = {"epoch": epoch, "loss_ratio": round(ratio, 4), "rolled_back_to": kept["epoch"], "remedy": remedy}
         s.state["guard"].append(event)
         s.log.warning(f"WARNING epoch {epoch}: the training loss per pair rose x{ratio:.2f} over its lowest since "
@@ -854,6 +865,51 @@ class SpikeGuard:
 
     def exhausted(self, s: Session) -> bool:
         return len(s.state["guard"]) >= GUARD_MAX_ROLLBACKS
+
+
+# The brake's memory of the table's gradient norm (epochs), the fewest it compares against, the epochs of
+# growth in a row it needs, and the most times it acts in a run.
+BRAKE_WINDOW, BRAKE_MIN_HISTORY, BRAKE_RISING, BRAKE_MAX = 50, 10, 3, 4
+
+
+class TableBrake:
+    """--table_brake: lower the entity table's rate when its gradient starts to run away, before the loss
+    moves. In both traced spikes (docs/accuracy.md, "Late loss spikes") the table's gradient norm grew
+    1.1-1.6 times per epoch for about ten epochs while the loss and the test metrics stayed put, and half
+    the table's rate, given before that growth, turned it into a decaying alternation.
+
+    An epoch brakes when the table's gradient norm has risen for BRAKE_RISING epochs in a row and is more
+    than ``ratio`` times its median over the last BRAKE_WINDOW epochs: the table's rate is multiplied by
+    ``factor`` from the next step on. Nothing is undone (the loss has not risen); the window starts
+    again. A gradient that only alternates (up, down, up) never brakes, however large its swing. The
+    window and the events travel in the state (checkpoints, rollbacks). A brake that never acts only
+    reads the gradient: the run is bit for bit the run without it."""
+
+    def __init__(self, ratio: float, factor: float):
+        self.ratio, self.factor = ratio, factor
+
+    def watch(self, s: Session, epoch: int, grad: float, version: int) -> None:
+        state = s.state
+        if state["brake_version"] != version:  # other pairs (pseudo-labels, curriculum): other gradients
+            state["brake_window"], state["brake_version"] = [], version
+        window = state["brake_window"]
+        if len(window) >= BRAKE_MIN_HISTORY and len(state["brakes"]) < BRAKE_MAX:
+            ratio = grad / max(float(np.median(window)), 1e-12)
+            state["brake_rise"] = max(state["brake_rise"], ratio)
+            recent = [*window[-BRAKE_RISING:], grad]
+            rising = all(a < b for a, b in zip(recent, recent[1:]))
+            if rising and ratio > self.ratio:
+                remedy = slow_entity_table(s, self.factor)
+                state["brakes"].append({"epoch": epoch, "grad_ratio": round(ratio, 4), "table_grad_norm":
+                                        round(grad, 6), "remedy": remedy})
+                s.log.warning(f"WARNING epoch {epoch}: the entity table's gradient norm rose for {BRAKE_RISING} "
+                              f"epochs in a row to {grad:.4g}, x{ratio:.2f} its median over the last {len(window)} "
+                              f"epochs (> x{self.ratio}, --table_brake): going on with the {remedy} (brake "
+                              f"{len(state['brakes'])} of at most {BRAKE_MAX})")
+                state["brake_window"] = []
+                return
+        window.append(grad)
+        del window[:-BRAKE_WINDOW]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1037,7 +1093,10 @@ def set_up(cfg: Config, run: Path | None, ckpt: dict | None) -> Session:
              "best_model": None, "stopped": None,  # --early_stop: the best-validation weights, the stop epoch
              # which training pairs the loss is over (epoch_pairs); --spike_guard's rollbacks and reference
              "pair_version": 0, "guard": [], "guard_reference": None,
-             "peak_grad": 0.0}  # the largest gradient norm since the last evaluation, carried by checkpoints
+             "peak_grad": 0.0,  # the largest gradient norm since the last evaluation, carried by checkpoints
+             # --table_brake: its events, the table's recent gradient norms (and on which pairs), and the
+             # largest ratio to their median since the last evaluation
+             "brakes": [], "brake_window": [], "brake_version": 0, "brake_rise": 0.0}
     start = 0
     if ckpt is not None:
         resuming = not cfg.branch_from or cfg.resume  # else a new run --branch_from the checkpoint
@@ -1054,7 +1113,8 @@ def set_up(cfg: Config, run: Path | None, ckpt: dict | None) -> Session:
                      pseudo_steps=ckpt.get("pseudo_steps", []), curriculum=ckpt.get("curriculum"),
                      best_model=ckpt.get("best_model"), stopped=ckpt.get("stopped"),
                      pair_version=ckpt.get("pair_version", 0), guard=ckpt.get("guard", []),
-                     guard_reference=ckpt.get("guard_reference"), peak_grad=ckpt.get("peak_grad", 0.0))
+                     guard_reference=ckpt.get("guard_reference"), peak_grad=ckpt.get("peak_grad", 0.0),
+                     **{k: ckpt[k] for k in ("brakes", "brake_window", "brake_version", "brake_rise") if k in ckpt})
         first = ckpt.get("provenance") or {}
         if resuming:
             state["provenance"].update(started=first.get("started"), resumed=[
@@ -1163,6 +1223,7 @@ def epoch_loop(s: Session) -> None:
         s.tic = time.perf_counter()
     progress = Progress(s.start, cfg.total_epochs)
     guard = SpikeGuard(cfg.spike_guard, cfg.spike_guard_lr) if cfg.spike_guard else None
+    brake = TableBrake(cfg.table_brake, cfg.spike_guard_lr) if cfg.table_brake else None
     if guard:
         guard.keep(s, s.start)
     epoch = s.start  # epochs done
@@ -1181,14 +1242,17 @@ def epoch_loop(s: Session) -> None:
             if ratio is not None:
                 epoch = guard.roll_back(s, epoch, ratio)
                 continue
+        if brake and epoch >= cfg.spike_guard_from and "table_grad_norm" in terms:
+            brake.watch(s, epoch, terms["table_grad_norm"], state["pair_version"])
         if cfg.il and epoch > il_start and (epoch - il_start) % cfg.il_step == 0:
             add_pseudo_labels(s, epoch)
         state["peak_grad"] = max(state["peak_grad"], terms["grad_norm"])  # since the last evaluation
         evaluated = epoch % cfg.check_point == 0 or epoch == cfg.total_epochs
         if evaluated:
-            extra = {"grad_norm_max": state["peak_grad"], **({"loss_rise_max": guard.rise} if guard else {})}
+            extra = {"grad_norm_max": state["peak_grad"], **({"loss_rise_max": guard.rise} if guard else {}),
+                     **({"table_grad_rise_max": state["brake_rise"]} if brake else {})}
             checkpoint_record(s, epoch, {**terms, **extra}, sample, pair_samples)
-            state["peak_grad"] = 0.0
+            state["peak_grad"] = state["brake_rise"] = 0.0
             key = VALID_KEYS[cfg.valid_pool]
             if cfg.early_stop and stale_evaluations(state["history"], key) >= cfg.early_stop:
                 state["stopped"] = epoch
@@ -1230,6 +1294,7 @@ def finish(s: Session) -> dict:
              **({"pseudo_steps": state["pseudo_steps"]} if cfg.il else {}),
              "spike_guard": {"threshold": cfg.spike_guard, "lr_factor": cfg.spike_guard_lr,
                              "rollbacks": state["guard"]},
+             "table_brake": {"ratio": cfg.table_brake, "lr_factor": cfg.spike_guard_lr, "events": state["brakes"]},
              "train_seconds": round(state["seconds"], 2),
              "seconds_per_epoch": round(state["seconds"] / max(done, 1), 4),
              "data_notes": s.data.notes, **({"train_ill": s.leak} if s.leak else {})}

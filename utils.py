@@ -160,8 +160,14 @@ class Config:
                                        "per pair can rise by x1.1-x1.25 from one epoch to the next while the router "
                                        "and the experts settle, measured on the tests' small synthetic pair; the "
                                        "spikes seen came after epoch 500)")
-    spike_guard_lr: float = _flag(0.5, "what each rollback of --spike_guard multiplies the learning rate of the "
-                                       "entity table by (of every parameter when the graph is off), in (0, 1]")
+    spike_guard_lr: float = _flag(0.5, "what each rollback of --spike_guard, and each brake of --table_brake, "
+                                       "multiplies the learning rate of the entity table by (of every parameter "
+                                       "when the graph is off), in (0, 1]")
+    table_brake: float = _flag(2.0, "slow the entity table before a spike: from --spike_guard_from on, when the "
+                                    "norm of the table's gradient has risen for 3 epochs in a row to more than "
+                                    "this many times its median over the last 50 epochs, its learning rate is "
+                                    "multiplied by --spike_guard_lr (0 = off; docs/accuracy.md, 'The table "
+                                    "brake')")
     dropout: float = _flag(0.0, "dropout on the GAT layer inputs, in [0, 1)")
     attn_dropout: float = _flag(0.0, "dropout on the GAT attention coefficients, in [0, 1)")
     n_exp: int = _flag(5, "experts per modality K (Eq. 6)")
@@ -308,6 +314,8 @@ class Config:
                 raise DataError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if self.spike_guard and not 1.0 < self.spike_guard < math.inf:
             raise DataError(f"--spike_guard must be 0 (off) or a ratio above 1, got {self.spike_guard}")
+        if self.table_brake and not 1.0 < self.table_brake < math.inf:
+            raise DataError(f"--table_brake must be 0 (off) or a ratio above 1, got {self.table_brake}")
         if not 0.0 < self.spike_guard_lr <= 1.0:
             raise DataError(f"--spike_guard_lr must be in (0, 1], got {self.spike_guard_lr}")
         if self.early_stop and not self.val_ratio:
