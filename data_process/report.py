@@ -37,7 +37,11 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN_ALL = ROOT / "run_all.sh"
 RECORDS = ROOT / "docs" / "records"
 # What a record keeps of each metrics.jsonl line (the rest is the health monitor's detail).
-RECORD_METRIC_KEYS = ("epoch", "loss", "grad_norm_max", "loss_rise_max", "train_pairs", "pair_version", "seconds")
+RECORD_METRIC_KEYS = ("epoch", "loss", "grad_norm_max", "loss_rise_max", "table_grad_rise_max", "train_pairs",
+                      "pair_version", "seconds")
+# The stability table's loss rises are counted from this epoch (--spike_guard_from's default): before it the
+# loss falls fast and one evaluation's loss says little about the next.
+STABLE_FROM = 100
 
 TABLES = ("table1", "table2", "seeds", "valid", "il", "fig3")
 METRICS = ("hits@1", "hits@5", "hits@10", "mrr")
@@ -200,22 +204,31 @@ class Run:
     results: dict | None
     command: str | None
     record: str | None = None  # where the numbers came from when the run folder has no results.json
+    record_metrics: list | None = None  # the record's evaluations (docs/records), when the numbers came from it
 
     @classmethod
     def load(cls, spec: RunSpec, runs_dir: Path, records_dir: Path | None = None) -> Run:
         folder = Path(runs_dir) / spec.name
         results = _read_json(folder / "results.json")
-        record = None
+        record, record_metrics = None, None
         if results is None and records_dir is not None:
             saved = _read_json(Path(records_dir) / f"{spec.name}.json")
             if saved and saved.get("results"):
                 results, record = saved["results"], saved.get("source", "a record")
+                record_metrics = saved.get("metrics") or None
         config = (results or {}).get("config") or _read_json(folder / "config.json")
         cmd_file = folder / "command.txt"
         command = cmd_file.read_text(encoding="utf-8").strip() if cmd_file.is_file() else None
         if command is None and record is not None:
             command = (results or {}).get("command")
-        return cls(spec, folder, config, results, command, record)
+        return cls(spec, folder, config, results, command, record, record_metrics)
+
+    @property
+    def metrics(self) -> list[dict]:
+        """The evaluations: the folder's metrics.jsonl, or the record's when the numbers came from a record."""
+        if self.record is not None:
+            return self.record_metrics or []
+        return [json.loads(line) for line in _lines(self.folder / "metrics.jsonl")]
 
     @property
     def finished(self) -> bool:
@@ -650,6 +663,50 @@ def fig3_section(points, figure: str | None, skipped: str | None) -> list[str]:
     return out + _md_table(header, rows) + [""]
 
 
+def loss_rise_between_evaluations(metrics: list[dict], start: int = STABLE_FROM) -> float | None:
+    """The largest ratio of one evaluation's training loss per pair to the previous one's, on the same pairs
+    (pair_version), from epoch ``start`` on; None without two such evaluations."""
+    rises, prev = [], None
+    for m in metrics:
+        if "loss" not in m or m["epoch"] < start:
+            continue
+        here = (m.get("pair_version", 0), m["loss"] / m.get("train_pairs", 1))
+        if prev is not None and prev[0] == here[0] and prev[1] > 0:
+            rises.append(here[1] / prev[1])
+        prev = here
+    return max(rises) if rises else None
+
+
+def stability_section(runs: list[Run]) -> list[str]:
+    """Per finished run: the peak and the last epoch, the largest loss rise between evaluations, the largest
+    from one epoch to the next (--spike_guard's loss_rise_max), the guard's rollbacks and the brake's events."""
+    rows = []
+    for r in runs:
+        if not r.finished:
+            continue
+        res, metrics = r.results, r.metrics
+        best, last = r.selection("best_test_epoch"), r.selection("last_epoch")
+        rise = loss_rise_between_evaluations(metrics)
+        per_epoch = [m["loss_rise_max"] for m in metrics if "loss_rise_max" in m and m["epoch"] >= STABLE_FROM]
+        guard, brake = res.get("spike_guard"), res.get("table_brake")
+        rows.append([f"`{r.spec.name}`", f"{_num(best['avg']['hits@1'])} @{best['epoch']}" if best else "-",
+                     _num(last["avg"]["hits@1"]) if last else "-",
+                     f"x{rise:.3f}" if rise is not None else "not recorded",
+                     f"x{max(per_epoch):.3f}" if per_epoch else "-",
+                     str(len(guard["rollbacks"])) if guard else "(before the guard)",
+                     str(len(brake["events"])) if brake else "(before the brake)"])
+    if not rows:
+        return []
+    return ["## Stability", "",
+            f"Every finished run, from epoch {STABLE_FROM} on: the largest rise of the training loss per pair from "
+            "one evaluation to the next on the same pairs (a spike shows as x1.2 or more; a run without one stays "
+            "near x1.0), the largest from one epoch to the next where the spike guard recorded it, and how often "
+            "the guard rolled back (`--spike_guard`) and the brake slowed the entity table (`--table_brake`). "
+            "Peak = best test epoch.", "",
+            *_md_table(["run", "peak H@1", "last H@1", "loss rise between evaluations", "loss rise per epoch",
+                        "rollbacks", "brakes"], rows), ""]
+
+
 def runs_section(runs: list[Run]) -> list[str]:
     header = ["run", "table", "row", "paper H@1", "status", "dataset", "rate", "epochs", "train s", "protocol"]
     rows = []
@@ -977,6 +1034,7 @@ def build_report(runs_dir: Path, out: Path, figures: Path | None = None, run_all
     lines += iterative_section(runs, show_valid)
     lines += fig3_section(points, fig3_rel, skipped)
     lines += fig4_section(f4, fig4_rel, skipped)
+    lines += stability_section(runs)
     lines += runs_section(runs)
     text = "\n".join(lines).rstrip() + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)

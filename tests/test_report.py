@@ -318,3 +318,33 @@ def test_our_numbers_on_the_partial_yago_graph_are_marked_as_such(tmp_path):
     assert "| 0.5000 | 0.6000 | 0.7000 | 0.5500 | 1000 | 0.3700 ‡ | 0.4700 ‡ | 0.5700 ‡ | 0.4200 ‡ | 1000 |" in last
     assert "| 0.4393 | 0.6278 |" in t1  # the paper's YAGO numbers are not marked: they had the whole graph
     assert "‡ FB15K-YAGO15K built from 57% of YAGO15K's relation triples" in t1
+
+
+def test_the_largest_loss_rise_is_per_pair_between_evaluations_on_the_same_pairs():
+    """From epoch 100: 50 -> 60 on 10 pairs is x1.2; the pseudo-label step to 30 pairs (version 1) is no
+    rise, whatever its sum; 200 -> 210 on 30 pairs is x1.05; epoch 90's jump is before the window."""
+    metrics = [{"epoch": 90, "loss": 10.0, "train_pairs": 10}, {"epoch": 100, "loss": 50.0, "train_pairs": 10},
+               {"epoch": 110, "loss": 60.0, "train_pairs": 10},
+               {"epoch": 120, "loss": 200.0, "train_pairs": 30, "pair_version": 1},
+               {"epoch": 130, "loss": 210.0, "train_pairs": 30, "pair_version": 1}]
+    assert report.loss_rise_between_evaluations(metrics) == pytest.approx(1.2)
+    assert report.loss_rise_between_evaluations(metrics[2:]) == pytest.approx(1.05)
+    assert report.loss_rise_between_evaluations(metrics[:2]) is None
+
+
+def test_the_stability_section_gives_each_runs_peak_last_rise_rollbacks_and_brakes(tmp_path):
+    runs = tmp_path / "runs"
+    folder = make_run(runs, BASE_RUN, 0.5)
+    results = json.loads((folder / "results.json").read_text())
+    results["spike_guard"] = {"rollbacks": [{"epoch": 567}]}
+    results["table_brake"] = {"events": []}
+    (folder / "results.json").write_text(json.dumps(results))
+    rows = [{"epoch": e, "loss": loss, "train_pairs": 10, "loss_rise_max": r}
+            for e, loss, r in ((100, 50.0, 1.01), (110, 52.5, 1.3), (120, 51.0, 1.02))]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    make_run(runs, "t1_db_50", 0.7)  # before the guard: nothing recorded
+    text = build_report(runs, tmp_path / "results.md")
+    section = _section(text, "Stability")
+    assert f"| `{BASE_RUN}` | 0.5100 @990 | 0.5000 | x1.050 | x1.300 | 1 | 0 |" in section
+    before = "| `t1_db_50` | 0.7100 @990 | 0.7000 | not recorded | - | (before the guard) | (before the brake) |"
+    assert before in section
