@@ -255,7 +255,7 @@ def saved_config(saved: dict, source: str) -> Config:
 
 # Flags that may differ between a run and its resumption: where it runs, how it is resumed, and
 # whether the final arrays are written (nothing that changes the training).
-RESUME_FREE = ("resume", "device", "save_outputs")
+RESUME_FREE = ("resume", "device", "save_outputs", "keep_checkpoints")
 
 
 def resumed_config(cfg: Config, saved: dict) -> Config:
@@ -269,7 +269,8 @@ def resumed_config(cfg: Config, saved: dict) -> Config:
             raise DataError(f"--resume {cfg.resume}: --{f.name} {given} differs from the resumed run's "
                             f"{getattr(out, f.name)}; a resumed run keeps its configuration (only --device and "
                             "--save_outputs may change): start a new run to change it")
-    return dataclasses.replace(out, device=cfg.device, save_outputs=cfg.save_outputs)
+    return dataclasses.replace(out, device=cfg.device, save_outputs=cfg.save_outputs,
+                               keep_checkpoints=cfg.keep_checkpoints or out.keep_checkpoints)
 
 
 def extended_config(cfg: Config, run: Path, done: int, extend_to: int, stopped: int | None = None) -> Config:
@@ -1269,6 +1270,8 @@ def epoch_loop(s: Session) -> None:
             s.add_elapsed()
             atomic_torch_save(s.run / "checkpoint.pt", s.snapshot(epoch))
             s.saved_epoch = epoch
+            if cfg.keep_checkpoints and epoch in {int(e) for e in cfg.keep_checkpoints.split(",")}:
+                atomic_torch_save(s.run / f"checkpoint_e{epoch}.pt", s.snapshot(epoch))
         if good:
             guard.keep(s, epoch)
     progress.close()

@@ -205,6 +205,9 @@ class Config:
     out_dir: str = _flag("runs", "parent folder of the run folders")
     run_name: str = _flag("", "run folder name (default: <dataset>_r<rate>_s<seed>[_wo-...])")
     save_every: int = _flag(50, "write a resumable checkpoint every this many epochs (0 = only at the end)")
+    keep_checkpoints: str = _flag("", "epochs whose checkpoint is also kept as checkpoint_e<epoch>.pt, comma "
+                                      "separated, each a multiple of --save_every (e.g. the states before a "
+                                      "spike, for docs/analysis/spike.py; about 200 MB each on FB15K-DB15K)")
     save_outputs: bool = _flag(True, "write entity_embeddings.npy, modality_weights.npy, expert_gates.npz and "
                                      "predictions.tsv at the end (--no-save_outputs: only config.json, log.txt, "
                                      "metrics.jsonl, checkpoint.pt and results.json, e.g. for sweeps)", boolean=True)
@@ -312,6 +315,11 @@ class Config:
                      "entity_lr"):
             if getattr(self, name) < 0:
                 raise DataError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if self.keep_checkpoints:
+            keep = _positive_ints("keep_checkpoints", self.keep_checkpoints)
+            if not self.save_every or any(e % self.save_every for e in keep):
+                raise DataError(f"--keep_checkpoints {self.keep_checkpoints}: each epoch must be a multiple of "
+                                f"--save_every ({self.save_every}), whose checkpoints they keep")
         if self.spike_guard and not 1.0 < self.spike_guard < math.inf:
             raise DataError(f"--spike_guard must be 0 (off) or a ratio above 1, got {self.spike_guard}")
         if self.table_brake and not 1.0 < self.table_brake < math.inf:

@@ -138,6 +138,28 @@ def test_extending_a_finished_run_equals_a_longer_run(tiny_synthetic, tmp_path):
     assert "extended_from=10 extended_to=20" in (short / "log.txt").read_text()
 
 
+def test_kept_checkpoints_continue_the_run_they_were_taken_from(tiny_synthetic, tmp_path, capsys):
+    """--keep_checkpoints 10 keeps the epoch-10 checkpoint beside the one that moves on; a copy of it as a
+    run folder's checkpoint.pt resumes to the same metrics as the whole run. An epoch that is no multiple
+    of --save_every is refused before anything is written."""
+    out = tmp_path / "runs"
+    assert train.cli(_args(tiny_synthetic, out, "whole", "--epochs", "20", "--save_every", "5",
+                           "--keep_checkpoints", "10")) == 0
+    whole = out / "whole"
+    assert sorted(p.name for p in whole.glob("checkpoint*.pt")) == ["checkpoint.pt", "checkpoint_e10.pt"]
+    kept = torch.load(whole / "checkpoint_e10.pt", weights_only=False)
+    assert kept["epoch"] == 10 and torch.load(whole / "checkpoint.pt", weights_only=False)["epoch"] == 20
+    copy = out / "from10"
+    copy.mkdir()
+    (copy / "checkpoint.pt").write_bytes((whole / "checkpoint_e10.pt").read_bytes())
+    (copy / "metrics.jsonl").write_text("")
+    assert train.cli(["--resume", str(copy)]) == 0
+    assert _metrics(copy) == _metrics(whole)
+    assert train.cli(_args(tiny_synthetic, out, "bad", "--save_every", "5", "--keep_checkpoints", "12")) == 2
+    assert "must be a multiple of --save_every (5)" in capsys.readouterr().err
+    assert not (out / "bad").exists()
+
+
 def test_extend_to_refuses_what_it_cannot_do(tiny_synthetic, tmp_path, capsys):
     out = tmp_path / "runs"
     assert train.cli(_args(tiny_synthetic, out, "r", "--epochs", "5")) == 0
