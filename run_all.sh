@@ -28,8 +28,10 @@
 #                            OMP_NUM_THREADS=1 unless it is set (default 1)
 #
 # A run whose folder holds results.json is finished and skipped; one with checkpoint.pt but no
-# results.json was interrupted and is resumed from its checkpoint (train.py --resume); anything
-# else starts from scratch. On CPU (or one GPU) the runs go one after the other unless --jobs says
+# results.json was interrupted and is resumed from its checkpoint (train.py --resume); an
+# iterative line (--il) whose plain run (the same line without --il, e.g. t1_db_20 for il_db_20) is
+# finished starts from that run's final checkpoint (train.py --il_from) and trains only the iterative
+# epochs; anything else starts from scratch. On CPU (or one GPU) the runs go one after the other unless --jobs says
 # more; with several GPUs (nvidia-smi -L, or the list in CUDA_VISIBLE_DEVICES) --jobs runs per GPU go
 # in parallel. Each run's output goes to <out_dir>/<name>/stdout.txt and its exact command to
 # <out_dir>/<name>/command.txt.
@@ -142,11 +144,13 @@ trim() { local s="$1"; s="${s#"${s%%[![:space:]]*}"}"; s="${s%"${s##*[![:space:]
 
 # Parse the table into parallel arrays, keeping the selected lines.
 names=(); tables=(); rows=(); expects=(); argstrs=()
+declare -A line_of_args=()  # every line's arguments -> its name (an iterative line's plain run: its own minus --il)
 while IFS='|' read -r c_name c_table c_row c_expect c_args; do
   c_name=$(trim "$c_name"); [ -z "$c_name" ] && continue
   case "$c_name" in \#*) continue ;; esac
   c_table=$(trim "$c_table"); c_row=$(trim "$c_row"); c_expect=$(trim "$c_expect"); c_args=$(trim "$c_args")
   if [ -z "$c_args" ]; then echo "run_all.sh: malformed line for '$c_name' (5 '|' columns expected)" >&2; exit 2; fi
+  line_of_args["$c_args"]="$c_name"
   if [ -n "$only" ] && [[ ",$only," != *",$c_table,"* ]] && [[ ",$only," != *",$c_name,"* ]]; then continue; fi
   names+=("$c_name"); tables+=("$c_table"); rows+=("$c_row"); expects+=("$c_expect"); argstrs+=("$c_args")
 done <<< "$RUN_TABLE"
@@ -160,7 +164,14 @@ build_cmd() {
   [ -n "$override" ] && argv[1]="$override"
   cmd=(bash run.sh "${argv[@]}" "${extra[@]}" --run_name "${names[$i]}" --out_dir "$out_dir")
   local dir="$out_dir/${names[$i]}"
-  if [ ! -f "$dir/results.json" ] && [ -f "$dir/checkpoint.pt" ]; then cmd+=(--resume "$dir"); fi
+  if [ ! -f "$dir/results.json" ] && [ -f "$dir/checkpoint.pt" ]; then cmd+=(--resume "$dir"); return 0; fi
+  # An iterative line whose plain run (the same arguments without --il) is finished starts from that run's
+  # final checkpoint (train.py --il_from checks that the flags agree): its first --epochs epochs are that run.
+  local plain="${argstrs[$i]% --il}" base
+  if [ "$plain" != "${argstrs[$i]}" ] && [ -z "$override" ]; then
+    base="${line_of_args[$plain]:-}"
+    if [ -n "$base" ] && [ -f "$out_dir/$base/results.json" ]; then cmd+=(--il_from "$out_dir/$base"); fi
+  fi
   return 0
 }
 

@@ -1328,6 +1328,38 @@ def branch_checkpoint(cfg: Config) -> dict:
     return ckpt
 
 
+# What --il_from lets differ between the finished run and the iterative one: the iterative flags, and
+# where and how the runs are written (nothing that changes the first --epochs epochs).
+IL_FROM_FREE = ("il", "il_start", "il_epochs", "il_step", "il_select", "il_margin", "il_from", "branch_from",
+                "run_name", "out_dir", *RESUME_FREE)
+
+
+def il_from_checkpoint(cfg: Config) -> tuple[Config, dict]:
+    """--il_from RUN: RUN's final checkpoint, and the configuration that branches from it; a DataError unless
+    RUN finished exactly --epochs epochs with every flag but the iterative ones equal (a flag RUN predates
+    counts as its default, as on --resume), so that the branch is the iterative run itself."""
+    run = Path(cfg.il_from)
+    if not cfg.il or cfg.branch_from:
+        raise DataError(f"--il_from {run}: it starts iterative training from that run, so it needs --il and no "
+                        "--branch_from")
+    if cfg.il_start not in (-1, cfg.epochs):
+        raise DataError(f"--il_from {run}: iterative training must start after --epochs (--il_start {cfg.il_start})")
+    if not (run / "results.json").is_file():
+        raise DataError(f"--il_from {run}: not a finished run (no results.json there); finish it first, or train "
+                        "from scratch")
+    ckpt = load_checkpoint(run)
+    base = saved_config(ckpt["config"], f"--il_from {run}")
+    differ = [f"--{f.name} {getattr(cfg, f.name)} (that run: {getattr(base, f.name)})"
+              for f in dataclasses.fields(Config)
+              if f.name not in IL_FROM_FREE and getattr(cfg, f.name) != getattr(base, f.name)]
+    if differ:
+        raise DataError(f"--il_from {run}: that run differs in {'; '.join(differ)}; its epochs would not be "
+                        "this run's (train from scratch, or use --branch_from for a run that differs)")
+    if ckpt["epoch"] != cfg.epochs or ckpt.get("stopped"):
+        raise DataError(f"--il_from {run}: its checkpoint is at epoch {ckpt['epoch']}, not --epochs {cfg.epochs}")
+    return dataclasses.replace(cfg, branch_from=str(run)), ckpt
+
+
 def main(cfg: Config, eval_only: bool = False, extend_to: int = 0) -> dict:
     """One run: set up or resume, the epoch loop, finish. With ``eval_only`` (and --resume): evaluate
     the checkpoint on the test pairs and write nothing. With ``extend_to`` (and --resume): train the
@@ -1347,6 +1379,8 @@ def main(cfg: Config, eval_only: bool = False, extend_to: int = 0) -> dict:
     elif eval_only or extend_to:
         raise DataError(f"--{'eval_only' if eval_only else 'extend_to'} needs --resume <run folder>: the run "
                         "whose checkpoint to use")
+    elif cfg.il_from:
+        cfg, ckpt = il_from_checkpoint(cfg)
     elif cfg.branch_from:
         ckpt = branch_checkpoint(cfg)
     s = set_up(cfg, run, ckpt)

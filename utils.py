@@ -216,6 +216,11 @@ class Config:
                                  "checkpoint.pt): its weights, optimiser and RNG states, epochs done and "
                                  "evaluations, trained on with the flags given here (those that shape the model "
                                  "must match), e.g. iterative training after the epoch-100 checkpoint of a run")
+    il_from: str = _flag("", "start iterative training (--il) from a finished run with the same flags (its "
+                             "folder): its final checkpoint stands for the first --epochs epochs, which are "
+                             "the same computation, so only the iterative epochs are trained; refused if a flag "
+                             "other than the iterative ones differs, or if that run did not train exactly "
+                             "--epochs epochs")
     eval_chunk: int = _flag(4096, "query rows per block of the evaluation's cosine matrix; the matrix "
                                     "is kept whole up to 2^28 entries (1 GiB), larger ones use O(chunk x C)")
     amp: str = _flag("none", "mixed precision of the expert and router matmuls: none (float32) or bf16 "

@@ -4,6 +4,7 @@ the right pairs are known, that it reads no label, and a short --il run end to e
 from __future__ import annotations
 
 import json
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -178,6 +179,35 @@ def test_a_run_branched_from_a_checkpoint_equals_the_run_from_scratch(tiny_synth
     with pytest.raises(train.DataError, match="does not fit the flags"):
         run("misfit", *il, "--branch_from", str(tmp_path / "plain"), "--hidden_units", "8,8,8")
     assert not (tmp_path / "misfit").exists()
+
+
+def test_il_from_a_finished_run_equals_the_iterative_run_and_refuses_one_that_differs(tiny_synthetic, tmp_path):
+    """--il_from a finished 4-epoch run with the same flags gives, bit for bit, the iterative run trained
+    from scratch; a run with another seed, an unfinished one, or --il missing is refused, naming why, and
+    no folder is made."""
+    def run(name, *extra):
+        argv = ["--file_dir", str(tiny_synthetic), *IL_SMALL, "--out_dir", str(tmp_path), "--run_name", name, *extra]
+        return train.main(*train.parse_args(argv))
+
+    il = ["--epochs", "4", "--il", "--il_epochs", "6", "--il_step", "2"]
+    whole = run("whole", *il)
+    run("plain", "--epochs", "4")
+    continued = run("continued", *il, "--il_from", str(tmp_path / "plain"))
+    assert continued["last_epoch"] == whole["last_epoch"] and continued["pseudo_steps"] == whole["pseudo_steps"]
+    rows = lambda name: [{k: v for k, v in json.loads(line).items() if k != "seconds"}  # noqa: E731
+                         for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    assert rows("continued") == rows("whole")
+    branched = continued["provenance"]["branched_from"]
+    assert branched["checkpoint"] == str(tmp_path / "plain") and branched["epoch"] == 4
+    run("other_seed", "--epochs", "4", "--seed", "7")
+    (tmp_path / "unfinished").mkdir()
+    other = str(tmp_path / "other_seed")
+    for name, extra, why in (("a", [*il, "--il_from", other], "differs in --seed 42 (that run: 7)"),
+                             ("b", [*il, "--il_from", str(tmp_path / "unfinished")], "not a finished run"),
+                             ("c", ["--epochs", "4", "--il_from", str(tmp_path / "plain")], "needs --il")):
+        with pytest.raises(train.DataError, match=re.escape(why)):
+            run(name, *extra)
+        assert not (tmp_path / name).exists()
 
 
 def test_the_pseudo_label_script_counts_what_a_step_would_add(tiny_synthetic, tmp_path):

@@ -266,6 +266,24 @@ def test_skips_finished_runs_and_resumes_interrupted_ones(fake):
     assert len(fake.calls()) == len(calls) and "0 of 6 runs to do" in again.stdout
 
 
+def test_an_iterative_line_starts_from_its_finished_plain_run(fake):
+    """il_db_20 is t1_db_20 plus --il: once t1_db_20 is finished, il_db_20 trains only the iterative epochs
+    from its final checkpoint (--il_from); il_db_50, whose plain run is not finished, starts from scratch,
+    and an interrupted iterative run is resumed, not started again from the plain run."""
+    out = fake.out
+    (out / "t1_db_20").mkdir(parents=True)
+    (out / "t1_db_20" / "results.json").write_text("{}")
+    (out / "t1_db_80").mkdir()
+    (out / "t1_db_80" / "results.json").write_text("{}")
+    (out / "il_db_80").mkdir()
+    (out / "il_db_80" / "checkpoint.pt").write_text("")
+    fake.run("run_all.sh", "--only", "il_db_20,il_db_50,il_db_80", "--out_dir", out, "--no-report")
+    calls = {_flag(a, "--run_name"): a for _, a in fake.calls()}
+    assert _flag(calls["il_db_20"], "--il_from") == f"{out}/t1_db_20"
+    assert _flag(calls["il_db_50"], "--il_from") is None
+    assert _flag(calls["il_db_80"], "--il_from") is None and _flag(calls["il_db_80"], "--resume") == f"{out}/il_db_80"
+
+
 def test_a_failed_run_is_reported_and_the_others_still_run(fake):
     res = fake.run("run_all.sh", "--only", "il", "--out_dir", fake.out, "--no-report",
                    extra_env={"FAKE_RC": "3"}, check=False)
