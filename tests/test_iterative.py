@@ -160,54 +160,38 @@ def test_reselect_replaces_the_pseudo_pairs_and_counts_what_came_and_went(tiny_s
     assert steps[-1]["total_correct"] == sum((int(a), int(b)) in gold for a, b in final)
 
 
-def test_a_run_branched_from_a_checkpoint_equals_the_run_from_scratch(tiny_synthetic, tmp_path):
-    """--branch_from the epoch-4 checkpoint of a plain run, with iterative training after it, gives bit
-    for bit the run that had the iterative flags from the start (nothing in epochs 1-4 depends on them)."""
+def test_branch_from_and_il_from_a_finished_run_equal_the_iterative_run_from_scratch(tiny_synthetic, tmp_path):
+    """--branch_from the final (epoch-4) checkpoint of a plain run, or --il_from that run, with iterative
+    training after it, gives bit for bit the run that had the iterative flags from the start (nothing in
+    epochs 1-4 depends on them). --branch_from refuses a model that does not fit; --il_from refuses a run
+    with another seed, an unfinished one, or a call without --il, naming why; neither makes a folder then."""
     def run(name, *extra):
         argv = ["--file_dir", str(tiny_synthetic), *IL_SMALL, "--out_dir", str(tmp_path), "--run_name", name, *extra]
         return train.main(*train.parse_args(argv))
 
-    il = ["--epochs", "4", "--il", "--il_epochs", "6", "--il_step", "2"]
-    whole = run("whole", *il)
-    run("plain", "--epochs", "4")
-    branched = run("branched", *il, "--branch_from", str(tmp_path / "plain"))
-    assert branched["last_epoch"] == whole["last_epoch"] and branched["pseudo_steps"] == whole["pseudo_steps"]
-    rows = lambda name: [{k: v for k, v in json.loads(line).items() if k != "seconds"}
-                         for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-    assert rows("branched") == rows("whole")
-    assert branched["provenance"]["branched_from"]["epoch"] == 4
-    with pytest.raises(train.DataError, match="does not fit the flags"):
-        run("misfit", *il, "--branch_from", str(tmp_path / "plain"), "--hidden_units", "8,8,8")
-    assert not (tmp_path / "misfit").exists()
-
-
-def test_il_from_a_finished_run_equals_the_iterative_run_and_refuses_one_that_differs(tiny_synthetic, tmp_path):
-    """--il_from a finished 4-epoch run with the same flags gives, bit for bit, the iterative run trained
-    from scratch; a run with another seed, an unfinished one, or --il missing is refused, naming why, and
-    no folder is made."""
-    def run(name, *extra):
-        argv = ["--file_dir", str(tiny_synthetic), *IL_SMALL, "--out_dir", str(tmp_path), "--run_name", name, *extra]
-        return train.main(*train.parse_args(argv))
-
-    il = ["--epochs", "4", "--il", "--il_epochs", "6", "--il_step", "2"]
-    whole = run("whole", *il)
-    run("plain", "--epochs", "4")
-    continued = run("continued", *il, "--il_from", str(tmp_path / "plain"))
-    assert continued["last_epoch"] == whole["last_epoch"] and continued["pseudo_steps"] == whole["pseudo_steps"]
     rows = lambda name: [{k: v for k, v in json.loads(line).items() if k != "seconds"}  # noqa: E731
                          for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-    assert rows("continued") == rows("whole")
-    branched = continued["provenance"]["branched_from"]
-    assert branched["checkpoint"] == str(tmp_path / "plain") and branched["epoch"] == 4
+    il = ["--epochs", "4", "--il", "--il_epochs", "6", "--il_step", "2"]
+    plain = str(tmp_path / "plain")
+    whole = run("whole", *il)
+    run("plain", "--epochs", "4")
+    for name, flag in (("branched", "--branch_from"), ("continued", "--il_from")):
+        res = run(name, *il, flag, plain)
+        assert res["last_epoch"] == whole["last_epoch"] and res["pseudo_steps"] == whole["pseudo_steps"]
+        assert rows(name) == rows("whole")
+        assert res["provenance"]["branched_from"]["checkpoint"] == plain
+        assert res["provenance"]["branched_from"]["epoch"] == 4
+
     run("other_seed", "--epochs", "4", "--seed", "7")
     (tmp_path / "unfinished").mkdir()
-    other = str(tmp_path / "other_seed")
-    for name, extra, why in (("a", [*il, "--il_from", other], "differs in --seed 42 (that run: 7)"),
-                             ("b", [*il, "--il_from", str(tmp_path / "unfinished")], "not a finished run"),
-                             ("c", ["--epochs", "4", "--il_from", str(tmp_path / "plain")], "needs --il")):
+    for name, extra, why in (("a", ["--branch_from", plain, "--hidden_units", "8,8,8"], "does not fit the flags"),
+                             ("b", ["--il_from", str(tmp_path / "other_seed")], "differs in --seed 42 (that run: 7)"),
+                             ("c", ["--il_from", str(tmp_path / "unfinished")], "not a finished run")):
         with pytest.raises(train.DataError, match=re.escape(why)):
-            run(name, *extra)
+            run(name, *il, *extra)
         assert not (tmp_path / name).exists()
+    with pytest.raises(train.DataError, match="needs --il"):
+        run("d", "--epochs", "4", "--il_from", plain)
 
 
 def test_the_pseudo_label_script_counts_what_a_step_would_add(tiny_synthetic, tmp_path):
