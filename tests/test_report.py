@@ -66,7 +66,7 @@ def test_missing_runs_show_as_missing_never_as_zeros(tmp_path):
     t1 = _section(text, "Table 1")
     ours = [l for l in t1.splitlines() if "ours," in l]
     assert ours and all(l.count("missing") == 10 for l in ours)  # 4 metrics + epoch, two datasets
-    assert "0.0000" not in text and "0 of 47 runs" in text
+    assert "0.0000" not in text and "0 of 48 runs" in text
     assert "0.5118" in t1  # the paper's number stays beside it
     assert "SMOKE" not in text
     assert "*Figure 4 not drawn: run `t1_db_20` is missing*" in text
@@ -89,7 +89,7 @@ def test_numbers_come_from_the_run_folders(tmp_path):
     assert "| Ours | paper | 0.5118 |" in t2 and "| 0.4321 |" in t2 and "| 0.3333 |" in t2
     assert "selection rule behind the paper's Table 1" in text
     assert "bash run.sh 42 FB15K_DB15K 0.2 512 0 --run_name t1_db_20" in text  # the recorded command
-    assert "SMOKE" not in text and "2 of 47 runs" in text
+    assert "SMOKE" not in text and "2 of 48 runs" in text
     runs_rows = _section(text, "Runs")
     assert "| `t1_db_20` | table1 | FB15K-DB15K 20% | 0.5118 | finished | FB15K_DB15K | 0.2 | 1000 | 12 | paper |" \
         in runs_rows
