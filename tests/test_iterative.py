@@ -218,3 +218,4 @@ def test_the_pseudo_label_script_counts_what_a_step_would_add(tiny_synthetic, tm
         assert row["pairs"] == len(step)
         assert row["correct"] == sum((int(a), int(b)) in gold for a, b in step)
     assert rows[0]["pairs"] > 0 and rows[-1]["pairs"] == 0
+

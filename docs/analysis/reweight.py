@@ -1,0 +1,120 @@
+"""What the modality weights cost: a finished run's test Hits@1 / MRR with its own per-entity weights
+and with other weightings of the same unimodal embeddings. Made to ask whether the router or the
+experts hold FB15K-YAGO15K back (docs/accuracy.md, "FB15K-YAGO15K").
+
+    python docs/analysis/reweight.py runs/t1_yg_20
+    python docs/analysis/reweight.py runs/t1_yg_20 --mix graph=0.5,attr_text=0.5 --mix graph=0.4,attr_text=0.6
+
+The run folder must hold entity_embeddings.npy (the fused h^f = [w_1 u_1; ...; w_M u_M] of every
+entity, Eq. 12), modality_weights.npy (w, N x M), predictions.tsv (its left entities and their gold
+counterparts are the test pairs) and results.json (the modalities and the evaluation's CSLS setting).
+Each u_m is L2-normalised, so u_m = block_m / w_m wherever w_m > 0 (w_m = 0: the entity lacks the
+modality). A weighting is then applied to the u_m of every entity, renormalised over the modalities
+the entity has, and the test pairs are ranked as train.py ranks them. "learned" rebuilds the run's own
+fused embeddings, so its numbers equal the run's last epoch (a check of the reconstruction).
+
+Rows: learned; uniform over the modalities an entity has; each modality alone; the learned weights
+with one modality's weight doubled or dropped; each --mix (one global weight per modality named, 0 for
+the others). It reads the folder and writes nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from utils import DataError, evaluate_alignment  # noqa: E402  (the repository root is on the path only now)
+
+
+def load_run(run: Path) -> dict:
+    """The unimodal embeddings (N, M, D), the learned weights (N, M), the test pairs and the settings."""
+    need = ("entity_embeddings.npy", "modality_weights.npy", "predictions.tsv", "results.json")
+    missing = [n for n in need if not (run / n).is_file()]
+    if missing:
+        raise DataError(f"{run}: no {', '.join(missing)}; expected a finished run folder written with the outputs "
+                        "(train.py without --no-save_outputs)")
+    results = json.loads((run / "results.json").read_text())
+    fused, w = np.load(run / "entity_embeddings.npy"), np.load(run / "modality_weights.npy")
+    modalities = results["modalities"]
+    n, m = w.shape
+    if m != len(modalities) or fused.shape[0] != n or fused.shape[1] % m:
+        raise DataError(f"{run}: embeddings {fused.shape} and weights {w.shape} do not fit {len(modalities)} "
+                        "modalities")
+    with open(run / "predictions.tsv", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    pairs = np.array([[int(r["left_id"]), int(r["gold_right_id"])] for r in rows], dtype=np.int64)
+    unimodal = fused.reshape(n, m, -1) / np.where(w > 0, w, 1.0)[:, :, None]
+    cfg = results.get("config", {})
+    return {"unimodal": unimodal, "weights": w, "present": w > 0, "pairs": pairs, "modalities": modalities,
+            "csls": cfg.get("csls", True), "csls_k": cfg.get("csls_k", 3)}
+
+
+def score(run: dict, weights: np.ndarray) -> dict:
+    """Test metrics (the mean of both directions) of the fused embeddings under ``weights`` (N, M) or (M,),
+    renormalised over each entity's modalities."""
+    w = np.broadcast_to(weights, run["weights"].shape) * run["present"]
+    total = w.sum(1, keepdims=True)
+    w = np.where(total > 0, w / np.where(total > 0, total, 1.0), 0.0)
+    n, m, d = run["unimodal"].shape
+    fused = torch.as_tensor((run["unimodal"] * w[:, :, None]).reshape(n, m * d), dtype=torch.float32)
+    return evaluate_alignment(fused, run["pairs"], csls_k=run["csls_k"], use_csls=run["csls"])["avg"]
+
+
+def parse_mix(text: str, modalities: list[str]) -> np.ndarray:
+    weights = np.zeros(len(modalities))
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        if name not in modalities:
+            raise DataError(f"--mix {text}: '{name}' is not one of the run's modalities ({', '.join(modalities)})")
+        try:
+            weights[modalities.index(name)] = float(value)
+        except ValueError:
+            raise DataError(f"--mix {text}: '{value}' is not a number (expected modality=weight)") from None
+    return weights
+
+
+def weightings(run: dict, mixes: list[str]) -> list[tuple[str, np.ndarray]]:
+    learned, mods = run["weights"], run["modalities"]
+    rows = [("learned (the run's own)", learned), ("uniform", np.ones(len(mods)))]
+    for i, mod in enumerate(mods):
+        rows.append((f"{mod} alone", np.eye(len(mods))[i]))
+    for i, mod in enumerate(mods):
+        for factor, what in ((2.0, "doubled"), (0.0, "dropped")):
+            changed = learned.copy()
+            changed[:, i] *= factor
+            rows.append((f"learned, {mod} {what}", changed))
+    rows += [(f"mix {text}", parse_mix(text, mods)) for text in mixes]
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run", type=Path, help="a finished run folder")
+    p.add_argument("--mix", action="append", default=[], help="global weights, e.g. graph=0.5,attr_text=0.5")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    try:
+        run = load_run(args.run)
+        rows = weightings(run, args.mix)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    mean = np.round(run["weights"][np.unique(run["pairs"])].mean(0), 3)
+    print(f"{args.run}: {len(run['pairs'])} test pairs; mean learned weight on the test entities: "
+          + ", ".join(f"{m} {w}" for m, w in zip(run["modalities"], mean)))
+    print("| weighting | test Hits@1 | MRR |\n|---|---|---|")
+    for name, weights in rows:
+        r = score(run, weights)
+        print(f"| {name} | {r['hits@1']:.4f} | {r['mrr']:.4f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
