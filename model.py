@@ -24,6 +24,7 @@ from layers import (
     PassThrough,
     SparseGraph,
     UniformFusion,
+    weighted_concat,
 )
 from loss import UncertaintyWeights
 from utils import AMP_DTYPES, MODALITIES, Config, Switches
@@ -141,11 +142,17 @@ class HUMEA(nn.Module):
         """Eq. 1 over the whole graph (N, D); the GAT needs every node's neighbours."""
         return self.graph_encoder(inputs.graph) if "graph" in self.modalities else None
 
-    def forward(self, ids: torch.Tensor, inputs: ModelInputs, graph_emb: torch.Tensor | None = None) -> Embeddings:
+    def forward(self, ids: torch.Tensor, inputs: ModelInputs, graph_emb: torch.Tensor | None = None,
+                router_only: torch.Tensor | None = None) -> Embeddings:
         """Embeddings of the entities ``ids`` (B,). The per-modality experts run on these rows only:
         every expert, gate and the router act on one entity at a time, so the rows equal those of a
         full (N, .) computation (tests/test_model.py checks it) at a fraction of the cost. Without
-        ``graph_emb`` (N, D) the GAT, too, computes only what these rows need."""
+        ``graph_emb`` (N, D) the GAT, too, computes only what these rows need.
+
+        ``router_only`` (B,) bool (--router_holdout): the same values, other gradients. A marked row's
+        fused embedding reaches only the router (its modality embeddings enter detached); an unmarked
+        row's reaches only the modalities (its weights enter detached). The returned weights keep
+        their gradient, for the balance term."""
         rows = {}
         if "graph" in self.modalities:
             if graph_emb is None:
@@ -160,7 +167,14 @@ class HUMEA(nn.Module):
                 x = rows[m] if m == "graph" else inputs.features[m][ids]  # (B, F)
                 mixed, experts[m], gates[m] = self.experts[m](x)  # (B, D), (B, K, D), (B, K)
                 unimodal[m] = F.normalize(mixed.float(), dim=-1)
-            fused, weights = self.fusion([unimodal[m] for m in self.modalities], present)  # (B, M*D), (B, M)
+            parts = [unimodal[m] for m in self.modalities]
+            if router_only is None:
+                fused, weights = self.fusion(parts, present)  # (B, M*D), (B, M)
+            else:
+                held = router_only[:, None]
+                parts = [torch.where(held, p.detach(), p) for p in parts]
+                _, weights = self.fusion(parts, present)
+                fused = weighted_concat(parts, torch.where(held, weights, weights.detach()))
         if self.amp_dtype is not None:  # the losses and CSLS read float32
             experts = {m: e.float() for m, e in experts.items()}
             gates = {m: g.float() for m, g in gates.items()}

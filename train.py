@@ -466,7 +466,8 @@ def curriculum_pairs(model: HUMEA, inputs: ModelInputs, pairs: np.ndarray, k: in
 
 
 def train_epoch(model: HUMEA, club: CLUBDisentanglement | None, inputs: ModelInputs, pairs: np.ndarray,
-                cfg: Config, gen: torch.Generator, opt, q_opt, epoch: int, shuffle: bool = True) -> dict[str, float]:
+                cfg: Config, gen: torch.Generator, opt, q_opt, epoch: int, shuffle: bool = True,
+                router_pairs: np.ndarray | None = None) -> dict[str, float]:
     """One optimiser step on the sum of the losses of all batches (as the official code does).
 
     The experts run only on the entities of the training pairs: the losses read nothing else,
@@ -476,13 +477,26 @@ def train_epoch(model: HUMEA, club: CLUBDisentanglement | None, inputs: ModelInp
     run on every (entity, expert) row, which would otherwise cost more than the rest of the epoch.
 
     ``epoch`` is the number of this epoch (1 = the first; the numbering of metrics.jsonl), used only to
-    name it when a loss term is NaN or infinite: FloatingPointError, raised before any parameter changes."""
+    name it when a loss term is NaN or infinite: FloatingPointError, raised before any parameter changes.
+
+    ``router_pairs`` (--router_holdout): pairs whose fused loss L_f^CL, in batches of their own, trains
+    the router alone; they have no unimodal losses, and the router gets nothing from ``pairs``. Their
+    loss is scaled by (all pairs / router pairs), so that the router's fit keeps its weight against the
+    balance term, which reaches the router on every entity."""
     model.train()
-    ents = np.unique(pairs)
+    held = router_pairs is not None and len(router_pairs) > 0
+    ents = np.unique(np.concatenate([pairs.ravel(), router_pairs.ravel()]) if held else pairs)
     if club is not None:
         club.requires_grad_(False)  # Q_m is fitted by its own optimiser below, not by this loss
-    out = model(torch.as_tensor(ents, device=inputs.graph.src.device), inputs)
+    ids = torch.as_tensor(ents, device=inputs.graph.src.device)
+    router_only = None
+    if held:  # the entities of the router's pairs only (an entity also in ``pairs`` trains its modalities)
+        router_only = torch.as_tensor(np.isin(ents, router_pairs) & ~np.isin(ents, pairs), device=ids.device)
+    out = model(ids, inputs, router_only=router_only)
     fused_cl, uni_cl, distill = alignment_losses(model, out, ents, pairs, cfg, gen, shuffle)  # Eq. 13-16
+    if held:  # the router's own pairs: L_f^CL only, scaled to the weight it would have on every pair
+        router_cl = alignment_losses(model, out, ents, router_pairs, cfg, gen, True, unimodal=False)[0]
+        fused_cl = fused_cl + router_cl * ((len(pairs) + len(router_pairs)) / len(router_pairs))
     club_term, experts, club_pairs = club_bound(club, out, len(ents), cfg, gen)  # Eq. 9
     total, terms = combined_loss(model, out, fused_cl, uni_cl, distill, club_term, cfg)  # Eq. 17
     for name, value in terms.items():
@@ -526,13 +540,13 @@ def clip_gradient(model: torch.nn.Module, max_norm: float) -> float:
 
 
 def alignment_losses(model: HUMEA, out, ents: np.ndarray, pairs: np.ndarray, cfg: Config, gen: torch.Generator,
-                     shuffle: bool):
+                     shuffle: bool, unimodal: bool = True):
     """Eq. 13-16 summed over the epoch's loss batches: L_f^CL, {m: L_m^CL} and {m: L_m^AL} ({} when
-    switched off). ``out`` holds the embeddings of the sorted entities ``ents``."""
+    switched off, or with ``unimodal=False``). ``out`` holds the embeddings of the sorted entities ``ents``."""
     dev = out.fused.device
     fused_cl = 0.0
-    uni_cl = {m: 0.0 for m in model.modalities} if cfg.switches.use_cl else {}
-    distill = {m: 0.0 for m in model.modalities} if cfg.switches.use_al else {}
+    uni_cl = {m: 0.0 for m in model.modalities} if cfg.switches.use_cl and unimodal else {}
+    distill = {m: 0.0 for m in model.modalities} if cfg.switches.use_al and unimodal else {}
     batches = loss_batches(pairs, cfg.bsize, gen, shuffle)
     sizes, both = [len(b) for b in batches], np.concatenate(batches)  # (P, 2) in batch order
     rows1 = torch.as_tensor(np.searchsorted(ents, both[:, 0]), device=dev)
@@ -1042,7 +1056,7 @@ class Session:
     data_root: Path
     data: MMKG
     split: Split
-    train_pairs: np.ndarray
+    train_pairs: np.ndarray  # the seed pairs (all of them, --router_holdout's included)
     leak: dict  # --train_ill_path's overlap with the test pairs
     inputs: ModelInputs
     model: HUMEA
@@ -1054,6 +1068,7 @@ class Session:
     start: int  # epochs done before this session
     tic: float = 0.0  # the run clock: wall time since tic is not yet in state["seconds"]
     saved_epoch: int | None = None  # the epoch of the checkpoint on disk
+    router_pairs: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 2), dtype=np.int64))
 
     def snapshot(self, epoch: int) -> dict:
         return snapshot(self.model, self.club, self.opt, self.q_opt, self.gen, epoch, self.state)
@@ -1125,8 +1140,28 @@ def set_up(cfg: Config, run: Path | None, ckpt: dict | None) -> Session:
             state["provenance"]["branched_from"] = {"checkpoint": cfg.branch_from, "epoch": start,
                                                     "commit": first.get("commit")}
             log.info(kv(branched_from=cfg.branch_from, epoch=start, pseudo_pairs=len(state["pseudo_pairs"])))
+    router_pairs = router_holdout_pairs(train_pairs, cfg)
+    if len(router_pairs):
+        if not any(p.requires_grad for p in model.fusion.parameters()):
+            raise DataError(f"--router_holdout {cfg.router_holdout}: this fusion has no parameters to train on the "
+                            "held-out pairs (the HMoE is switched off)")
+        log.info(kv(router_holdout=len(router_pairs), expert_pairs=len(train_pairs) - len(router_pairs)))
     return Session(cfg, run, log, early, data_root, data, split, train_pairs, leak, inputs, model, club, opt, q_opt,
-                   gen, state, start, saved_epoch=start or None)
+                   gen, state, start, saved_epoch=start or None, router_pairs=router_pairs)
+
+
+def router_holdout_pairs(train_pairs: np.ndarray, cfg: Config) -> np.ndarray:
+    """--router_holdout: the seed pairs on which only the router learns, a fixed random fraction drawn
+    from the seed (its own stream: the split and the training draws do not change), at least 2 (a
+    contrastive batch needs a negative); (0, 2) when off."""
+    if not cfg.router_holdout:
+        return np.zeros((0, 2), dtype=np.int64)
+    n = max(2, round(cfg.router_holdout * len(train_pairs)))
+    if n >= len(train_pairs) - 1:
+        raise DataError(f"--router_holdout {cfg.router_holdout} of {len(train_pairs)} training pairs leaves too few "
+                        "for the modalities")
+    pick = np.random.default_rng([cfg.seed, 20261206]).permutation(len(train_pairs))[:n]
+    return train_pairs[np.sort(pick)]
 
 
 def open_run_folder(s: Session) -> None:
@@ -1174,7 +1209,8 @@ def checkpoint_record(s: Session, epoch: int, terms: dict, sample: np.ndarray, p
 def epoch_pairs(s: Session, epoch: int) -> tuple[np.ndarray, bool]:
     """The pairs epoch ``epoch`` trains on and whether to shuffle them: the seed (and pseudo) pairs,
     or during the official curriculum (--curriculum) its neighbour groups, in order."""
-    current = np.concatenate([s.train_pairs, s.state["pseudo_pairs"]])
+    seeds = s.train_pairs[~rows_in(s.train_pairs, s.router_pairs)] if len(s.router_pairs) else s.train_pairs
+    current = np.concatenate([seeds, s.state["pseudo_pairs"]])
     if not (s.cfg.curriculum and epoch <= CURRICULUM_EPOCHS):
         if s.cfg.curriculum and epoch == CURRICULUM_EPOCHS + 1:
             s.state["pair_version"] += 1  # from the curriculum's groups back to the pairs themselves
@@ -1232,7 +1268,8 @@ def epoch_loop(s: Session) -> None:
         epoch += 1  # the number of this epoch, and of epochs done at its end
         current, shuffle = epoch_pairs(s, epoch)
         try:
-            terms = train_epoch(s.model, s.club, s.inputs, current, cfg, s.gen, s.opt, s.q_opt, epoch, shuffle=shuffle)
+            terms = train_epoch(s.model, s.club, s.inputs, current, cfg, s.gen, s.opt, s.q_opt, epoch, shuffle=shuffle,
+                                router_pairs=s.router_pairs)
         except FloatingPointError as e:
             fault = numerical_fault(e, s.run, s.saved_epoch, cfg)
             s.log.error(f"stopping: {fault}")
@@ -1293,7 +1330,8 @@ def finish(s: Session) -> dict:
         write_pair_file(s.run / "train_ill_final.tsv", np.concatenate([s.train_pairs, state["pseudo_pairs"]]))
     extra = {"dataset": str(s.data_root), "run_dir": str(s.run), "modalities": list(s.model.modalities),
              "pairs": {"train": len(s.train_pairs), "valid": len(s.split.valid), "test": len(s.split.test),
-                       "pseudo": len(state["pseudo_pairs"])},
+                       "pseudo": len(state["pseudo_pairs"]),
+                       **({"router_holdout": len(s.router_pairs)} if len(s.router_pairs) else {})},
              **({"pseudo_steps": state["pseudo_steps"]} if cfg.il else {}),
              "spike_guard": {"threshold": cfg.spike_guard, "lr_factor": cfg.spike_guard_lr,
                              "rollbacks": state["guard"]},

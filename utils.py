@@ -251,6 +251,12 @@ class Config:
     router_init: str = _flag("uniform", "initial per-entity router: uniform (last layer zero: every entity "
                                         "starts with weights 1/M, its bias is a global weight vector) or "
                                         "default (torch's init)", choices=("uniform", "default"))
+    router_holdout: float = _flag(0.0, "fraction of the training pairs on which only the router learns: their "
+                                       "fused loss reaches the router and nothing else, and the other pairs' "
+                                       "fused loss reaches everything but the router, so that the router weighs "
+                                       "modalities by how well they carry over to pairs they were not fitted on "
+                                       "(0 = off, the paper: the router learns from every pair; docs/accuracy.md, "
+                                       "'FB15K-YAGO15K'), in [0, 0.5)")
     router_balance: float = _flag(10.0, "weight beta of the router balance term beta * mean_e KL(w_e || uniform) "
                                         "over the epoch's training entities (0 = Eq. 17 as printed: no term)")
     feature_norm: str = _flag("l2", "input feature rows: l2 (every text, image and bag-of-words row "
@@ -331,6 +337,8 @@ class Config:
             raise DataError(f"--table_brake must be 0 (off) or a ratio above 1, got {self.table_brake}")
         if not 0.0 < self.spike_guard_lr <= 1.0:
             raise DataError(f"--spike_guard_lr must be in (0, 1], got {self.spike_guard_lr}")
+        if not 0.0 <= self.router_holdout < 0.5:
+            raise DataError(f"--router_holdout must be in [0, 0.5), got {self.router_holdout}")
         if self.early_stop and not self.val_ratio:
             raise DataError(f"--early_stop {self.early_stop} needs a validation split to watch: give --val_ratio > 0")
         if self.early_stop and self.il:
