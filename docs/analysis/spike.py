@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 import train  # noqa: E402  (the repository root is on the path only now)
 from utils import DataError  # noqa: E402
 
-TERMS = ("loss", "fused_cl", "uni_cl", "distill", "club", "balance", "club_q_nll", "grad_norm")
+TERMS = ("loss", "fused_cl", "uni_cl", "distill", "club", "balance", "club_q_nll", "grad_norm", "table_grad_norm")
 
 
 def part(name: str) -> str:
