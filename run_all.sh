@@ -31,7 +31,8 @@
 # results.json was interrupted and is resumed from its checkpoint (train.py --resume); an
 # iterative line (--il) whose plain run (the same line without --il, e.g. t1_db_20 for il_db_20) is
 # finished starts from that run's final checkpoint (train.py --il_from) and trains only the iterative
-# epochs; anything else starts from scratch. On CPU (or one GPU) the runs go one after the other unless --jobs says
+# epochs; Table 2's w/o v on a dataset without image features is not run (it is the full model, and
+# the report shows t1_db_20 in its place); anything else starts from scratch. On CPU (or one GPU) the runs go one after the other unless --jobs says
 # more; with several GPUs (nvidia-smi -L, or the list in CUDA_VISIBLE_DEVICES) --jobs runs per GPU go
 # in parallel. Each run's output goes to <out_dir>/<name>/stdout.txt and its exact command to
 # <out_dir>/<name>/command.txt.
@@ -183,28 +184,46 @@ status_of() {
   else echo todo; fi
 }
 
+data_root="${DATA_ROOT:-data/mmkb-datasets}"
+# The dataset folder of line i in "dir" ("" for the embedded default).
+dataset_dir_of() {
+  local -a argv; read -r -a argv <<< "${argstrs[$1]}"
+  local ds="${override:-${argv[1]}}"
+  case "$ds" in
+    default|embedded) dir="" ;;
+    */*) dir="$ds" ;;
+    *) dir="$data_root/$ds" ;;
+  esac
+}
+# Table 2's w/o v on a dataset without image features is the full model: its line is not run, and the
+# report shows the full model's run in its place (the same arguments with <without> 0).
+image_free_line() {
+  local -a argv; read -r -a argv <<< "${argstrs[$1]}"
+  [ "${tables[$1]}" = table2 ] && [ "${argv[4]}" = 1 ] || return 1
+  dataset_dir_of "$1"
+  [ -n "$dir" ] && [ -d "$dir" ] && ! compgen -G "$dir/*_id_img_feature_dict.pkl" > /dev/null || return 1
+  argv[4]=0
+  full_run="${line_of_args["${argv[*]}"]:-the full model}"
+}
+
 if [ "$list_only" = 1 ]; then
   for i in "${!names[@]}"; do
     build_cmd "$i"
+    st=$(status_of "${names[$i]}")
+    [ "$st" != done ] && image_free_line "$i" && st="not run: no image features, = $full_run"
     printf '%s  # %s | %s | paper Hits@1 %s | %s\n' "${cmd[*]}" "${tables[$i]}" "${rows[$i]}" \
-      "${expects[$i]}" "$(status_of "${names[$i]}")"
+      "${expects[$i]}" "$st"
   done
   exit 0
 fi
 
 # Every dataset folder the runs still to do need must exist before the first one starts (as run.sh
 # resolves it: a name under $DATA_ROOT, a path, or the embedded default).
-data_root="${DATA_ROOT:-data/mmkb-datasets}"
 missing=()
 for i in "${!names[@]}"; do
   [ "$(status_of "${names[$i]}")" = done ] && continue
-  read -r -a argv <<< "${argstrs[$i]}"
-  ds="${override:-${argv[1]}}"
-  case "$ds" in
-    default|embedded) continue ;;
-    */*) dir="$ds" ;;
-    *) dir="$data_root/$ds" ;;
-  esac
+  dataset_dir_of "$i"
+  [ -z "$dir" ] && continue
   if [ ! -d "$dir" ] && [[ " ${missing[*]:-} " != *" $dir "* ]]; then missing+=("$dir"); fi
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -270,6 +289,7 @@ run_one() {
 todo=()
 for i in "${!names[@]}"; do
   if [ "$(status_of "${names[$i]}")" = done ]; then echo "skip ${names[$i]} (results.json exists)"
+  elif image_free_line "$i"; then echo "skip ${names[$i]} ($dir has no image features: w/o v is $full_run)"
   else todo+=("$i"); fi
 done
 # Slots: --jobs per GPU, or --jobs on the CPU ("" = no GPU).

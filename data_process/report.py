@@ -22,6 +22,7 @@ page says that the figures were skipped.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import re
@@ -205,6 +206,7 @@ class Run:
     command: str | None
     record: str | None = None  # where the numbers came from when the run folder has no results.json
     record_metrics: list | None = None  # the record's evaluations (docs/records), when the numbers came from it
+    alias_of: str | None = None  # the run whose numbers these are (w/o v on data without images: the full model)
 
     @classmethod
     def load(cls, spec: RunSpec, runs_dir: Path, records_dir: Path | None = None) -> Run:
@@ -250,7 +252,9 @@ class Run:
     @property
     def status(self) -> str:
         if self.finished:
-            return "finished" if self.record is None else "finished (record)"
+            if self.record is None:
+                return "finished"
+            return "finished (record)" if self.alias_of is None else f"= `{self.alias_of}` (the data has no images)"
         if not self.folder.is_dir():
             return "missing"
         done = [json.loads(l) for l in _lines(self.folder / "metrics.jsonl")]
@@ -286,6 +290,25 @@ class Run:
         if not self.config:
             return f"(not run) {' '.join(['bash', 'run.sh', *self.spec.args])}"
         return "python train.py " + " ".join(_non_default_flags(self.config))
+
+
+IMAGE_CODE = "1"  # run.sh's <without> code of the image modality
+
+
+def without_images_alias(runs: list[Run]) -> list[Run]:
+    """Table 2's "w/o v" on data without images is the full model, i.e. BASE_RUN (run_all.sh skips it):
+    while its own folder has no results, it shows BASE_RUN's, marked as such."""
+    base = next((r for r in runs if r.spec.name == BASE_RUN), None)
+    if base is None or not base.finished or "image" in (base.results.get("modalities") or ["image"]):
+        return runs
+    out = []
+    for r in runs:
+        if r.spec.table == "table2" and r.spec.without == IMAGE_CODE and not r.finished:
+            r = dataclasses.replace(r, config=base.config, results=base.results, command=base.command,
+                                    record=f"{base.folder}/results.json", record_metrics=base.metrics,
+                                    alias_of=base.spec.name)
+        out.append(r)
+    return out
 
 
 def record_of(run: Run) -> dict:
@@ -682,7 +705,7 @@ def stability_section(runs: list[Run]) -> list[str]:
     from one epoch to the next (--spike_guard's loss_rise_max), the guard's rollbacks and the brake's events."""
     rows = []
     for r in runs:
-        if not r.finished:
+        if not r.finished or r.alias_of:
             continue
         res, metrics = r.results, r.metrics
         best, last = r.selection("best_test_epoch"), r.selection("last_epoch")
@@ -932,7 +955,8 @@ def status_lines(runs: list[Run]) -> list[str]:
     for r in runs:
         secs = (r.results or {}).get("train_seconds")
         whole = ((r.results or {}).get("last_epoch") or {}).get("epoch") == (r.config or {}).get("epochs")
-        if r.finished and secs and whole and not (r.config or {}).get("il") and not r.smoke_reasons():
+        own = r.finished and not r.alias_of
+        if own and secs and whole and not (r.config or {}).get("il") and not r.smoke_reasons():
             cost.setdefault((r.spec.dataset, r.spec.rate), []).append(float(secs))
     rows = []
     for table in TABLES:
@@ -970,7 +994,7 @@ def build_report(runs_dir: Path, out: Path, figures: Path | None = None, run_all
                  notes: list[str] = (), command: str | None = None, records_dir: Path | None = None,
                  save_records_to: Path | None = None, readme: Path | None = None) -> str:
     specs = load_run_list(run_all)
-    runs = [Run.load(s, runs_dir, records_dir) for s in specs]
+    runs = without_images_alias([Run.load(s, runs_dir, records_dir) for s in specs])
     if save_records_to is not None:
         save_records(runs, save_records_to)
     by_name = {r.spec.name: r for r in runs}

@@ -348,3 +348,29 @@ def test_the_stability_section_gives_each_runs_peak_last_rise_rollbacks_and_brak
     assert f"| `{BASE_RUN}` | 0.5100 @990 | 0.5000 | x1.050 | x1.300 | 1 | 0 |" in section
     before = "| `t1_db_50` | 0.7100 @990 | 0.7000 | not recorded | - | (before the guard) | (before the brake) |"
     assert before in section
+
+
+def test_without_images_shows_the_full_model_when_the_data_has_none(tmp_path):
+    """w/o v on data without images is the full model: with no folder of its own, Table 2's w/o v row and
+    the Runs table show t1_db_20's numbers, marked; the run counts as covered, and it is kept out of the
+    cost estimate and the stability table (no second copy of t1_db_20)."""
+    runs = tmp_path / "runs"
+    folder = make_run(runs, BASE_RUN, 0.5)
+    results = json.loads((folder / "results.json").read_text())
+    (folder / "results.json").write_text(json.dumps({**results, "modalities": ["graph", "rel_bow", "attr_text"]}))
+    text = build_report(runs, tmp_path / "results.md")
+    table2 = _section(text, "Table 2")
+    row = next(line for line in table2.splitlines() if line.startswith("| w/o v |"))
+    assert "0.5000" not in row  # the paper's row; ours follow
+    assert "| `t2_db_20_wo_v` |" in row
+    assert table2.count("0.5000") == 2  # last epoch of Ours and of w/o v
+    assert "= `t1_db_20` (the data has no images)" in _section(text, "Runs")
+    assert "2 of 48 runs" in text
+    assert _section(text, "Stability").count("`t1_db_20`") == 1
+
+
+def test_without_images_is_missing_while_the_full_model_has_images_or_is_unfinished(tmp_path):
+    runs = tmp_path / "runs"
+    make_run(runs, BASE_RUN, 0.5)  # results.json without "modalities": images are not ruled out
+    text = build_report(runs, tmp_path / "results.md")
+    assert "(the data has no images)" not in text and "1 of 48 runs" in text

@@ -209,7 +209,8 @@ def test_list_prints_one_annotated_command_per_line(fake):
     for line, s in zip(lines, SPECS):
         cmd, comment = line.split("  # ")
         assert cmd == f"bash run.sh {' '.join(s.args)} --run_name {s.name} --out_dir {fake.out}"
-        assert comment == f"{s.table} | {s.row} | paper Hits@1 {s.expected} | todo"
+        status = "not run: no image features, = t1_db_20" if s.name == "t2_db_20_wo_v" else "todo"
+        assert comment == f"{s.table} | {s.row} | paper Hits@1 {s.expected} | {status}"
     assert not fake.calls()
 
 
@@ -282,6 +283,20 @@ def test_an_iterative_line_starts_from_its_finished_plain_run(fake):
     assert _flag(calls["il_db_20"], "--il_from") == f"{out}/t1_db_20"
     assert _flag(calls["il_db_50"], "--il_from") is None
     assert _flag(calls["il_db_80"], "--il_from") is None and _flag(calls["il_db_80"], "--resume") == f"{out}/il_db_80"
+
+
+def test_without_images_on_a_dataset_without_them_is_not_run(fake, tmp_path):
+    """The datasets here have no image feature file: w/o v is the full model, so its line is skipped
+    and listed as t1_db_20; once the dataset has images, it runs."""
+    out = fake.out
+    listing = fake.run("run_all.sh", "--list", "--only", "t2_db_20_wo_v", "--out_dir", out).stdout
+    assert listing.rstrip().endswith("| not run: no image features, = t1_db_20")
+    res = fake.run("run_all.sh", "--only", "t2_db_20_wo_v,t2_db_20_wo_g", "--out_dir", out, "--no-report")
+    assert "skip t2_db_20_wo_v (" in res.stdout and "has no image features: w/o v is t1_db_20)" in res.stdout
+    assert [_flag(a, "--run_name") for _, a in fake.calls()] == ["t2_db_20_wo_g"]
+    (tmp_path / "data" / "FB15K_DB15K" / "FB15K_DB15K_id_img_feature_dict.pkl").write_bytes(b"")
+    fake.run("run_all.sh", "--only", "t2_db_20_wo_v", "--out_dir", out, "--no-report")
+    assert [_flag(a, "--run_name") for _, a in fake.calls()][-1] == "t2_db_20_wo_v"
 
 
 def test_a_failed_run_is_reported_and_the_others_still_run(fake):
