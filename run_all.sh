@@ -4,6 +4,8 @@
 #   bash run_all.sh                                  # every run not finished yet, then runs/results.md
 #   bash run_all.sh --list                           # print the commands (and whether each is done)
 #   bash run_all.sh --only table1,il                 # a subset: table1 table2 seeds valid il fig3, or names
+#   bash run_all.sh --only fig3 --epochs 400         # Figure 3's sweep at 400 epochs a point (labelled so;
+#                                                    # its default point is t1_db_20 at epoch 400)
 #   bash run_all.sh --dataset-override default --out_dir runs/smoke --epochs 2 --check_point 1 \
 #        --il_epochs 2 --il_step 1                   # smoke pass: every line on the embedded default
 #

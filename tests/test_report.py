@@ -374,3 +374,20 @@ def test_without_images_is_missing_while_the_full_model_has_images_or_is_unfinis
     make_run(runs, BASE_RUN, 0.5)  # results.json without "modalities": images are not ruled out
     text = build_report(runs, tmp_path / "results.md")
     assert "(the data has no images)" not in text and "1 of 48 runs" in text
+
+
+def test_a_400_epoch_sweep_is_labelled_and_compared_with_the_base_runs_first_400_epochs(tmp_path):
+    """Figure 3's points may train 400 epochs: they are no smoke runs, the section says so, and the default
+    point is t1_db_20 at epoch 400 (its last) with its best test epoch up to 400, read from its metrics."""
+    runs = tmp_path / "runs"
+    base = make_run(runs, BASE_RUN, 0.5)
+    rows = [{"epoch": e, "loss": 1.0, "test": _metrics(h1)}
+            for e, h1 in ((100, 0.40), (200, 0.56), (300, 0.55), (400, 0.54), (500, 0.60), (1000, 0.5))]
+    (base / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    make_run(runs, "f3_al_loss_0.5", 0.45, epochs=400, al_loss=0.5, check_point=10)
+    text = build_report(runs, tmp_path / "results.md")
+    section = _section(text, "Figure 3")
+    assert "SMOKE" not in text and "Each point trained 400 epochs, not the paper's 1000" in section
+    default = next(line for line in section.splitlines() if "(default)" in line and "λ2" in line)
+    assert "| 0.5400 | 0.5900 | 0.5600 | 0.6100 |" in default  # epoch 400; best up to 400 is epoch 200
+    assert "| 0.4500 | 0.5000 | 0.4600 | 0.5100 |" in section  # the 400-epoch point itself
