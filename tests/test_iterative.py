@@ -219,3 +219,30 @@ def test_the_pseudo_label_script_counts_what_a_step_would_add(tiny_synthetic, tm
         assert row["correct"] == sum((int(a), int(b)) in gold for a, b in step)
     assert rows[0]["pairs"] > 0 and rows[-1]["pairs"] == 0
 
+
+
+def test_a_run_started_with_il_from_and_killed_resumes_to_the_same_metrics(tiny_synthetic, tmp_path, monkeypatch):
+    """An --il_from run stopped after its epoch-8 checkpoint and resumed with --resume alone (as run_all.sh
+    resumes it) ends with the metrics of the uninterrupted one."""
+    def run(name, *extra):
+        argv = ["--file_dir", str(tiny_synthetic), *IL_SMALL, "--out_dir", str(tmp_path), "--run_name", name, *extra]
+        return train.main(*train.parse_args(argv))
+
+    rows = lambda name: [{k: v for k, v in json.loads(line).items() if k != "seconds"}  # noqa: E731
+                         for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    il = ["--epochs", "4", "--il", "--il_epochs", "8", "--il_step", "2", "--save_every", "2"]
+    run("plain", "--epochs", "4", "--save_every", "2")
+    run("whole", *il, "--il_from", str(tmp_path / "plain"))
+    real = train.train_epoch
+
+    def dies_at_9(*a, **k):
+        if a[-1] == 9:
+            raise KeyboardInterrupt  # what a kill leaves: the epoch-8 checkpoint
+        return real(*a, **k)
+
+    monkeypatch.setattr(train, "train_epoch", dies_at_9)
+    with pytest.raises(KeyboardInterrupt):
+        run("parts", *il, "--il_from", str(tmp_path / "plain"))
+    monkeypatch.setattr(train, "train_epoch", real)
+    assert train.cli(["--resume", str(tmp_path / "parts")]) == 0
+    assert rows("parts") == rows("whole")
