@@ -3,6 +3,7 @@ the right pairs are known, that it reads no label, and a short --il run end to e
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from types import SimpleNamespace
@@ -10,6 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from test_reliability import _metrics, killed_at
 
 import train
 from data_process.dataset import load_dataset, read_pair_file, split_links
@@ -141,6 +143,12 @@ IL_SMALL = ["--rate", "0.3", "--hidden_units", "16,16,16", "--heads", "2,2", "--
             "--device", "cpu", "--check_point", "2"]
 
 
+def _run(data, out, name, *extra) -> dict:
+    """train.main on the tiny pair with IL_SMALL, into ``out``/``name``; its results."""
+    argv = ["--file_dir", str(data), *IL_SMALL, "--out_dir", str(out), "--run_name", name, *extra]
+    return train.main(*train.parse_args(argv))
+
+
 def test_reselect_replaces_the_pseudo_pairs_and_counts_what_came_and_went(tiny_synthetic, tmp_path):
     argv = ["--file_dir", str(tiny_synthetic), *IL_SMALL, "--epochs", "4", "--il", "--il_epochs", "8",
             "--il_step", "2", "--il_select", "reselect", "--out_dir", str(tmp_path), "--run_name", "re"]
@@ -165,12 +173,7 @@ def test_branch_from_and_il_from_a_finished_run_equal_the_iterative_run_from_scr
     training after it, gives bit for bit the run that had the iterative flags from the start (nothing in
     epochs 1-4 depends on them). --branch_from refuses a model that does not fit; --il_from refuses a run
     with another seed, an unfinished one, or a call without --il, naming why; neither makes a folder then."""
-    def run(name, *extra):
-        argv = ["--file_dir", str(tiny_synthetic), *IL_SMALL, "--out_dir", str(tmp_path), "--run_name", name, *extra]
-        return train.main(*train.parse_args(argv))
-
-    rows = lambda name: [{k: v for k, v in json.loads(line).items() if k != "seconds"}  # noqa: E731
-                         for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    run = functools.partial(_run, tiny_synthetic, tmp_path)
     il = ["--epochs", "4", "--il", "--il_epochs", "6", "--il_step", "2"]
     plain = str(tmp_path / "plain")
     whole = run("whole", *il)
@@ -178,7 +181,7 @@ def test_branch_from_and_il_from_a_finished_run_equal_the_iterative_run_from_scr
     for name, flag in (("branched", "--branch_from"), ("continued", "--il_from")):
         res = run(name, *il, flag, plain)
         assert res["last_epoch"] == whole["last_epoch"] and res["pseudo_steps"] == whole["pseudo_steps"]
-        assert rows(name) == rows("whole")
+        assert _metrics(tmp_path / name) == _metrics(tmp_path / "whole")
         assert res["provenance"]["branched_from"]["checkpoint"] == plain
         assert res["provenance"]["branched_from"]["epoch"] == 4
 
@@ -221,28 +224,14 @@ def test_the_pseudo_label_script_counts_what_a_step_would_add(tiny_synthetic, tm
 
 
 
-def test_a_run_started_with_il_from_and_killed_resumes_to_the_same_metrics(tiny_synthetic, tmp_path, monkeypatch):
+def test_a_run_started_with_il_from_and_killed_resumes_to_the_same_metrics(tiny_synthetic, tmp_path):
     """An --il_from run stopped after its epoch-8 checkpoint and resumed with --resume alone (as run_all.sh
     resumes it) ends with the metrics of the uninterrupted one."""
-    def run(name, *extra):
-        argv = ["--file_dir", str(tiny_synthetic), *IL_SMALL, "--out_dir", str(tmp_path), "--run_name", name, *extra]
-        return train.main(*train.parse_args(argv))
-
-    rows = lambda name: [{k: v for k, v in json.loads(line).items() if k != "seconds"}  # noqa: E731
-                         for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    run = functools.partial(_run, tiny_synthetic, tmp_path)
     il = ["--epochs", "4", "--il", "--il_epochs", "8", "--il_step", "2", "--save_every", "2"]
     run("plain", "--epochs", "4", "--save_every", "2")
     run("whole", *il, "--il_from", str(tmp_path / "plain"))
-    real = train.train_epoch
-
-    def dies_at_9(*a, **k):
-        if a[-1] == 9:
-            raise KeyboardInterrupt  # what a kill leaves: the epoch-8 checkpoint
-        return real(*a, **k)
-
-    monkeypatch.setattr(train, "train_epoch", dies_at_9)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at(9):  # the epoch-8 checkpoint is left
         run("parts", *il, "--il_from", str(tmp_path / "plain"))
-    monkeypatch.setattr(train, "train_epoch", real)
     assert train.cli(["--resume", str(tmp_path / "parts")]) == 0
-    assert rows("parts") == rows("whole")
+    assert _metrics(tmp_path / "parts") == _metrics(tmp_path / "whole")

@@ -7,6 +7,7 @@ OMP_NUM_THREADS=1), on the tiny synthetic pair, a few seconds each.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -40,6 +41,25 @@ KILL_AFTER = 20  # kill once a checkpoint of at least this epoch exists (of 50)
 
 def _args(data: Path, out: Path, name: str, *extra: str) -> list[str]:
     return ["--file_dir", str(data), "--out_dir", str(out), "--run_name", name, *SMALL, *extra]
+
+
+@contextlib.contextmanager
+def killed_at(epoch: int):
+    """Inside the block, train_epoch raises KeyboardInterrupt when epoch ``epoch`` starts (what a kill
+    leaves: the last checkpoint before it), and the block must end by it; train_epoch is restored after."""
+    real = train.train_epoch
+
+    def dying(*args, **kwargs):
+        if args[-1] == epoch:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    train.train_epoch = dying
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        train.train_epoch = real
 
 
 def _metrics(run: Path) -> list[dict]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_reliability import _args as reliability_args
-from test_reliability import _metrics
+from test_reliability import _metrics, killed_at
 
 import train
 from train import SpikeGuard, entity_group_layout, loss_spike_warning
@@ -160,25 +160,15 @@ def test_splitting_the_entity_table_into_its_own_group_changes_no_step(tiny_synt
         assert torch.equal(a, b)
 
 
-def test_a_run_resumed_between_two_evaluations_records_what_the_whole_run_records(tiny_synthetic, tmp_path,
-                                                                                   monkeypatch):
+def test_a_run_resumed_between_two_evaluations_records_what_the_whole_run_records(tiny_synthetic, tmp_path):
     """Stopped after the epoch-22 checkpoint (evaluations every 5 epochs, checkpoints every 2) and
     resumed: the largest gradient norm and loss rise since the epoch-20 evaluation, and the guard's
     reference, travel in the checkpoint, so every record equals the uninterrupted run's."""
     out = tmp_path / "runs"
     args = ("--epochs", "30", "--save_every", "2", "--il", "--il_start", "10", "--il_epochs", "0")
     assert train.cli(_args(tiny_synthetic, out, "whole", *args)) == 0
-    real = train.train_epoch
-
-    def dies_at_23(*a, **k):
-        if a[-1] == 23:
-            raise KeyboardInterrupt  # what a kill leaves: the epoch-22 checkpoint
-        return real(*a, **k)
-
-    monkeypatch.setattr(train, "train_epoch", dies_at_23)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at(23):
         train.cli(_args(tiny_synthetic, out, "parts", *args))
     assert torch.load(out / "parts" / "checkpoint.pt", weights_only=False)["epoch"] == 22
-    monkeypatch.setattr(train, "train_epoch", real)
     assert train.cli(["--resume", str(out / "parts")]) == 0
     assert _metrics(out / "parts") == _metrics(out / "whole")
