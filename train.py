@@ -24,6 +24,7 @@ import logging.handlers
 import os
 import platform
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -1069,6 +1070,7 @@ class Session:
     tic: float = 0.0  # the run clock: wall time since tic is not yet in state["seconds"]
     saved_epoch: int | None = None  # the epoch of the checkpoint on disk
     router_pairs: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0, 2), dtype=np.int64))
+    expert_pairs: np.ndarray | None = None  # the seed pairs the modalities train on: train_pairs less router_pairs
 
     def snapshot(self, epoch: int) -> dict:
         return snapshot(self.model, self.club, self.opt, self.q_opt, self.gen, epoch, self.state)
@@ -1147,7 +1149,8 @@ def set_up(cfg: Config, run: Path | None, ckpt: dict | None) -> Session:
                             "held-out pairs (the HMoE is switched off)")
         log.info(kv(router_holdout=len(router_pairs), expert_pairs=len(train_pairs) - len(router_pairs)))
     return Session(cfg, run, log, early, data_root, data, split, train_pairs, leak, inputs, model, club, opt, q_opt,
-                   gen, state, start, saved_epoch=start or None, router_pairs=router_pairs)
+                   gen, state, start, saved_epoch=start or None, router_pairs=router_pairs,
+                   expert_pairs=train_pairs[~rows_in(train_pairs, router_pairs)] if len(router_pairs) else train_pairs)
 
 
 def router_holdout_pairs(train_pairs: np.ndarray, cfg: Config) -> np.ndarray:
@@ -1209,8 +1212,7 @@ def checkpoint_record(s: Session, epoch: int, terms: dict, sample: np.ndarray, p
 def epoch_pairs(s: Session, epoch: int) -> tuple[np.ndarray, bool]:
     """The pairs epoch ``epoch`` trains on and whether to shuffle them: the seed (and pseudo) pairs,
     or during the official curriculum (--curriculum) its neighbour groups, in order."""
-    seeds = s.train_pairs[~rows_in(s.train_pairs, s.router_pairs)] if len(s.router_pairs) else s.train_pairs
-    current = np.concatenate([seeds, s.state["pseudo_pairs"]])
+    current = np.concatenate([s.expert_pairs, s.state["pseudo_pairs"]])
     if not (s.cfg.curriculum and epoch <= CURRICULUM_EPOCHS):
         if s.cfg.curriculum and epoch == CURRICULUM_EPOCHS + 1:
             s.state["pair_version"] += 1  # from the curriculum's groups back to the pairs themselves
@@ -1308,7 +1310,8 @@ def epoch_loop(s: Session) -> None:
             atomic_torch_save(s.run / "checkpoint.pt", s.snapshot(epoch))
             s.saved_epoch = epoch
             if cfg.keep_checkpoints and epoch in {int(e) for e in cfg.keep_checkpoints.split(",")}:
-                atomic_torch_save(s.run / f"checkpoint_e{epoch}.pt", s.snapshot(epoch))
+                with open(s.run / "checkpoint.pt", "rb") as src:  # a copy of the file just written
+                    atomic_write(s.run / f"checkpoint_e{epoch}.pt", lambda f: shutil.copyfileobj(src, f), mode="wb")
         if good:
             guard.keep(s, epoch)
     progress.close()
