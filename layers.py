@@ -439,6 +439,25 @@ class GlobalModalityWeights(nn.Module):
         return weighted_concat(parts, weights), weights
 
 
+class ModalityWeights(nn.Module):
+    """One learned weight per modality, shared by every entity (``--router modality``): the
+    per-entity router of Eq. 11 with its input term removed, W = softmax(b), b (M,) starting at zero
+    (weights 1/M). It has M parameters, so it cannot fit a few seed pairs by entity: the low-capacity
+    router for ``--router_holdout`` (docs/accuracy.md, 'FB15K-YAGO15K'). ``present`` (B, M) masks the
+    modalities an entity lacks: the softmax runs over the rest."""
+
+    def __init__(self, num_modalities: int):
+        super().__init__()
+        self.logits = nn.Parameter(torch.zeros(num_modalities))
+
+    def forward(self, parts: list[torch.Tensor], present: torch.Tensor | None = None):
+        logits = self.logits.expand(parts[0].shape[0], -1)  # (B, M)
+        if present is not None:
+            logits = logits.masked_fill(~present, -torch.inf)
+        weights = torch.softmax(logits, dim=-1)  # (B, M)
+        return weighted_concat(parts, weights), weights
+
+
 class UniformFusion(nn.Module):
     """The 'w/o HMoE' ablation's fusion: plain concatenation with equal weights 1/M (1 / the number
     of modalities the entity has, when ``present`` masks some)."""

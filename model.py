@@ -21,6 +21,7 @@ from layers import (
     IntraModalMoE,
     LinearNoisyMoE,
     LinearProjection,
+    ModalityWeights,
     PassThrough,
     SparseGraph,
     UniformFusion,
@@ -48,7 +49,7 @@ class ModelConfig:
     graph_moe: bool
     graph_residual: bool
     moe_input_norm: str  # "layernorm" or "none"
-    router: str  # "entity" (Eq. 11) or "global"
+    router: str  # "entity" (Eq. 11), "global" (the official code's) or "modality" (one weight each)
     router_init: str  # "uniform" or "default"
     loss_weighting: str  # "sum" (Eq. 17) or "uncertainty"
     switches: Switches = field(default_factory=Switches)  # --without
@@ -128,6 +129,8 @@ class HUMEA(nn.Module):
             self.fusion = UniformFusion(m)
         elif cfg.router == "global":
             self.fusion = GlobalModalityWeights(self.modalities, cfg.fusion_weight_dim)
+        elif cfg.router == "modality":
+            self.fusion = ModalityWeights(m)
         else:
             self.fusion = InterModalRouter(m, d, cfg.fusion_weight_dim, uniform_init=cfg.router_init == "uniform")
         # --loss_weighting uncertainty: learned log-variances of the unimodal CL and AL losses (trained

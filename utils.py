@@ -245,9 +245,10 @@ class Config:
                                              "biases, docs/accuracy.md) or none", choices=("layernorm", "none"))
     expert_dropout: float = _flag(0.5, "dropout on the hidden layer of every FFN expert (Eq. 5), in [0, 1): "
                                        "holds off their memorising the seed pairs (docs/accuracy.md)")
-    router: str = _flag("entity", "inter-modal weights: entity (Eq. 11, a router per entity) or global (the "
-                                  "official code's one weight vector over 7 modality combinations, top 5)",
-                        choices=("entity", "global"))
+    router: str = _flag("entity", "inter-modal weights: entity (Eq. 11, a router per entity), global (the "
+                                  "official code's one weight vector over 7 modality combinations, top 5) or "
+                                  "modality (one learned weight per modality for every entity, the low-capacity "
+                                  "router for --router_holdout)", choices=("entity", "global", "modality"))
     router_init: str = _flag("uniform", "initial per-entity router: uniform (last layer zero: every entity "
                                         "starts with weights 1/M, its bias is a global weight vector) or "
                                         "default (torch's init)", choices=("uniform", "default"))

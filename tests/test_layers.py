@@ -12,6 +12,7 @@ from layers import (
     InterModalRouter,
     IntraModalMoE,
     LinearProjection,
+    ModalityWeights,
     SparseGraph,
     UniformFusion,
     edge_softmax,
@@ -273,6 +274,39 @@ def test_router_uniform_init_starts_at_one_over_m_and_masks_missing_modalities()
         torch.testing.assert_close(w, ref / ref.sum(1, keepdim=True))  # renormalised over what each has
         assert (w[~present] == 0).all()
         torch.testing.assert_close(fused[1, 3:6], torch.zeros(3))  # no part of the missing modality
+
+
+def test_modality_weights_are_one_softmax_for_every_entity_and_learn_which_modality_aligns():
+    torch.manual_seed(10)
+    parts = [torch.randn(4, 3) for _ in range(3)]
+    router = ModalityWeights(3)
+    _, w = router(parts)
+    torch.testing.assert_close(w, torch.full((4, 3), 1 / 3))  # starts uniform
+    with torch.no_grad():
+        router.logits.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    present = torch.tensor([[1, 1, 1], [1, 0, 1], [1, 1, 1], [0, 1, 1]], dtype=torch.bool)
+    fused, w = router(parts, present)
+    e = torch.tensor([0.5, -1.0, 2.0]).exp()
+    torch.testing.assert_close(w[0], e / e.sum())  # softmax(b), the same for every complete entity
+    torch.testing.assert_close(w[2], w[0])
+    torch.testing.assert_close(w[1], torch.tensor([e[0], 0, e[2]]) / (e[0] + e[2]))  # renormalised
+    torch.testing.assert_close(fused[1, 3:6], torch.zeros(3))
+    # Two views of 6 entities: modality 0 is the same in both views, modalities 1-2 are noise. An
+    # alignment loss on the fused embeddings moves the weight to modality 0.
+    a = F.normalize(torch.randn(6, 3), dim=1)
+    views = [[a, F.normalize(torch.randn(6, 3), dim=1), F.normalize(torch.randn(6, 3), dim=1)],
+             [a, F.normalize(torch.randn(6, 3), dim=1), F.normalize(torch.randn(6, 3), dim=1)]]
+    router = ModalityWeights(3)
+    opt = torch.optim.SGD(router.parameters(), lr=0.5)
+    for _ in range(50):
+        f1, _ = router(views[0])
+        f2, _ = router(views[1])
+        loss = F.cross_entropy(f1 @ f2.T / 0.1, torch.arange(6))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    _, w = router(views[0])
+    assert w[0, 0] > 0.6 and w[0, 0] > 2 * w[0, 1:].max()
 
 
 def test_uniform_fusion_weights_are_one_over_m():

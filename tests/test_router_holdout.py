@@ -14,13 +14,13 @@ from test_reliability import _args
 import train
 
 
-def _model(tiny_synthetic):
-    cfg = train.Config(file_dir=str(tiny_synthetic), hidden_units="16,16,16", n_exp=2, device="cpu")
+def _model(tiny_synthetic, router="entity"):
+    cfg = train.Config(file_dir=str(tiny_synthetic), hidden_units="16,16,16", n_exp=2, device="cpu", router=router)
     data = train.load_dataset(tiny_synthetic, seed=0)
     inputs = train.ModelInputs.from_data(data, torch.device("cpu"), cfg.feature_norm, cfg.missing)
     torch.manual_seed(0)
     model, _, _, _ = train.build_model(cfg, inputs, "cpu")
-    # A router that is not at its uniform start, so that every weight depends on the entity.
+    # A router that is not at its uniform start (the entity router: every weight depends on the entity).
     with torch.no_grad():
         for p in model.fusion.parameters():
             p.normal_(0, 0.1)
@@ -39,8 +39,9 @@ def _grads(model, loss) -> tuple[float, float]:
             norm([p for p in model.parameters() if id(p) not in router]))
 
 
-def test_the_held_out_rows_train_only_the_router_and_the_others_everything_else(tiny_synthetic):
-    model, inputs, ids = _model(tiny_synthetic)
+@pytest.mark.parametrize("router", ["entity", "modality"])
+def test_the_held_out_rows_train_only_the_router_and_the_others_everything_else(tiny_synthetic, router):
+    model, inputs, ids = _model(tiny_synthetic, router)
     torch.manual_seed(1)  # the same expert dropout in both passes
     plain = model(ids, inputs)
     held = torch.zeros(len(ids), dtype=torch.bool)
