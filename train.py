@@ -1087,7 +1087,8 @@ def set_up(cfg: Config, run: Path | None, ckpt: dict | None) -> Session:
     """Load and split the data, build the model, restore the checkpoint when resuming. Nothing is
     written yet: a run that fails on bad input creates no folder and touches no file."""
     data_root = dataset_dir(cfg)
-    if run is None:  # a new run (from scratch, or --branch_from a checkpoint)
+    resuming = run is not None  # else a new run, from scratch or from a checkpoint (--branch_from, --il_from)
+    if not resuming:
         run = run_folder(cfg, data_root)
         refuse_existing_run(run)  # before anything is written
     log = get_logger(None)
@@ -1117,7 +1118,6 @@ def set_up(cfg: Config, run: Path | None, ckpt: dict | None) -> Session:
              "brakes": [], "brake_window": [], "brake_version": 0, "brake_rise": 0.0}
     start = 0
     if ckpt is not None:
-        resuming = not cfg.branch_from or cfg.resume  # else a new run --branch_from the checkpoint
         entity_group_layout(opt, model, split=len(ckpt["opt"]["param_groups"]) == 2)  # after a rollback: 2
         try:
             restore(ckpt, model, club, opt, q_opt, gen)
@@ -1136,7 +1136,8 @@ def set_up(cfg: Config, run: Path | None, ckpt: dict | None) -> Session:
         first = ckpt.get("provenance") or {}
         if resuming:
             state["provenance"].update(started=first.get("started"), resumed=[
-                *first.get("resumed", []), {"epoch": start, "at": state["provenance"]["started"]}])
+                *first.get("resumed", []), {"epoch": start, "at": state["provenance"]["started"]}],
+                **({"branched_from": first["branched_from"]} if "branched_from" in first else {}))
             log.info(kv(resumed_from=str(run), epoch=start, pseudo_pairs=len(state["pseudo_pairs"])))
         else:
             state["provenance"]["branched_from"] = {"checkpoint": cfg.branch_from, "epoch": start,

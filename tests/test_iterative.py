@@ -226,7 +226,8 @@ def test_the_pseudo_label_script_counts_what_a_step_would_add(tiny_synthetic, tm
 
 def test_a_run_started_with_il_from_and_killed_resumes_to_the_same_metrics(tiny_synthetic, tmp_path):
     """An --il_from run stopped after its epoch-8 checkpoint and resumed with --resume alone (as run_all.sh
-    resumes it) ends with the metrics of the uninterrupted one."""
+    resumes it) ends with the metrics of the uninterrupted one, and its provenance says where it branched
+    from and where it was resumed."""
     run = functools.partial(_run, tiny_synthetic, tmp_path)
     il = ["--epochs", "4", "--il", "--il_epochs", "8", "--il_step", "2", "--save_every", "2"]
     run("plain", "--epochs", "4", "--save_every", "2")
@@ -235,3 +236,5 @@ def test_a_run_started_with_il_from_and_killed_resumes_to_the_same_metrics(tiny_
         run("parts", *il, "--il_from", str(tmp_path / "plain"))
     assert train.cli(["--resume", str(tmp_path / "parts")]) == 0
     assert _metrics(tmp_path / "parts") == _metrics(tmp_path / "whole")
+    prov = json.loads((tmp_path / "parts" / "results.json").read_text())["provenance"]
+    assert prov["branched_from"]["epoch"] == 4 and [r["epoch"] for r in prov["resumed"]] == [8]
