@@ -592,9 +592,7 @@ def club_bound(club: CLUBDisentanglement | None, out, n_ents: int, cfg: Config, 
 def combined_loss(model: HUMEA, out, fused_cl, uni_cl: dict, distill: dict, club_term, cfg: Config):
     """Eq. 17 plus the router balance term: (total, {term name: value} for the log)."""
     weights = getattr(model, "loss_weights", None)  # --loss_weighting uncertainty
-    # The official code multiplies its distillation loss by al_loss twice.
-    al_weight = cfg.al_loss ** 2 if cfg.distill_direction == "joint_teacher" else cfg.al_loss
-    total = total_loss(fused_cl, uni_cl, club_term, distill, cfg.cl_loss, al_weight, cfg.mi_loss,
+    total = total_loss(fused_cl, uni_cl, club_term, distill, cfg.cl_loss, distill_weight(cfg), cfg.mi_loss,
                        weights["cl"] if weights else None, weights["al"] if weights else None)  # Eq. 17
     balance = torch.zeros((), device=out.fused.device)
     if cfg.router_balance > 0:
@@ -603,6 +601,12 @@ def combined_loss(model: HUMEA, out, fused_cl, uni_cl: dict, distill: dict, club
     terms = {"fused_cl": fused_cl, "uni_cl": sum(uni_cl.values(), 0.0), "distill": sum(distill.values(), 0.0),
              "club": club_term, "balance": balance, "total": total}
     return total, terms
+
+
+def distill_weight(cfg: Config) -> float:
+    """lambda_2 of Eq. 17: --al_loss, or its square under the official code's joint teacher (which
+    multiplies its distillation loss by al_loss twice)."""
+    return cfg.al_loss ** 2 if cfg.distill_direction == "joint_teacher" else cfg.al_loss
 
 
 def router_imbalance(weights: torch.Tensor, present: torch.Tensor | None) -> torch.Tensor:

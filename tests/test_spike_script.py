@@ -102,3 +102,20 @@ def test_refuses_to_overwrite_or_to_trace_backwards(runs, tmp_path):
         spike.trace(ckpt, 5, tmp_path / "new.jsonl")
     assert not (tmp_path / "new.jsonl").exists()
     assert spike.main(["trace", str(tmp_path / "missing.pt"), "--to", "9", "--out", str(tmp_path / "x.jsonl")]) == 2
+
+
+def test_term_gradients_sum_to_the_steps_and_leave_the_trace_unchanged(runs, tmp_path):
+    """--term_grads splits the entity table's gradient by loss term: the terms' norms come from gradients
+    that add up to the one the step takes (its logged norm), the graph's own terms are there, and the
+    trace with it equals the trace without it (the random states are put back)."""
+    free = spike.trace(runs / "short" / "checkpoint.pt", 7, tmp_path / "free.jsonl")
+    split = spike.trace(runs / "short" / "checkpoint.pt", 7, tmp_path / "split.jsonl", term_grads=True)
+    for a, b in zip(free, split):
+        assert a["loss"] == b["loss"] and a["test"] == b["test"] and a["grad"] == b["grad"]
+        t = b["term_grads"]
+        assert t["table_total"] == pytest.approx(b["table_grad_norm"], rel=1e-5)
+        assert {"fused_cl", "uni_cl.graph", "distill.graph"} <= set(t["terms"])
+        assert all(-1 - 1e-9 <= v["cos"] <= 1 + 1e-9 for v in t["terms"].values())
+        # the parts, projected on the total, add up to it: sum_k |g_k| cos_k = |g|
+        assert sum(v["norm"] * v["cos"] for v in t["terms"].values()) == pytest.approx(t["table_total"], rel=1e-5)
+        assert "uni_cl.rel_bow" not in t["terms"]  # another modality's own loss never reaches the table

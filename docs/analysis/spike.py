@@ -35,6 +35,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -120,6 +121,52 @@ def own_learning_rate(opt: torch.optim.Optimizer, param: torch.nn.Parameter, lr:
     opt.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": [param], "lr": lr})
 
 
+def term_gradients(s: train.Session, pairs: np.ndarray, shuffle: bool) -> dict:
+    """Which loss term the entity table's gradient comes from: the epoch's forward pass done once more,
+    and the table's gradient of each term of Eq. 17 as weighted in the total (the fused L_f^CL, each
+    modality's lambda_1 L_m^CL and lambda_2 L_m^AL, w_mi L_CLUB) and of the router balance term, each on
+    its own. The terms' gradients sum to the step's. The random states are put back afterwards, so the
+    step that follows is the one the trace takes without this.
+
+    Per term: the norm of its table gradient, its cosine with the sum of them all, and its norm on the
+    row with the largest total gradient."""
+    cfg, model, table = s.cfg, s.model, train.entity_table(s.model)
+    if table is None:
+        raise DataError("--term_grads: a run without the graph modality has no entity table")
+    if cfg.loss_weighting != "sum" or cfg.router_holdout:
+        raise DataError("--term_grads: only for runs with --loss_weighting sum and no --router_holdout")
+    cpu, gen = torch.get_rng_state(), s.gen.get_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    model.train()
+    if s.club is not None:
+        s.club.requires_grad_(False)
+    ents = np.unique(pairs)
+    out = model(torch.as_tensor(ents, device=s.inputs.graph.src.device), s.inputs)
+    fused_cl, uni_cl, distill = train.alignment_losses(model, out, ents, pairs, cfg, s.gen, shuffle)
+    club_term = train.club_bound(s.club, out, len(ents), cfg, s.gen)[0]
+    terms = {"fused_cl": fused_cl, **{f"uni_cl.{m}": cfg.cl_loss * v for m, v in uni_cl.items()},
+             **{f"distill.{m}": train.distill_weight(cfg) * v for m, v in distill.items()},
+             "club": cfg.mi_loss * club_term}
+    if cfg.router_balance > 0:
+        terms["balance"] = cfg.router_balance * train.router_imbalance(out.weights, out.present)
+    grads = {}
+    for name, term in terms.items():
+        if isinstance(term, torch.Tensor) and term.requires_grad:
+            g = torch.autograd.grad(term, table, retain_graph=True, allow_unused=True)[0]
+            if g is not None:
+                grads[name] = g.double()
+    torch.set_rng_state(cpu)
+    s.gen.set_state(gen)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+    total = sum(grads.values())
+    row = int(total.norm(dim=1).argmax())
+    norm = float(total.norm()) or 1.0
+    return {"table_total": float(total.norm()), "table_top_row": row,
+            "terms": {k: {"norm": float(g.norm()), "cos": float((g * total).sum()) / (float(g.norm()) * norm or 1.0),
+                          "top_row": float(g[row].norm())} for k, g in grads.items()}}
+
+
 def load(ckpt_path: Path) -> dict:
     if not ckpt_path.is_file():
         raise DataError(f"{ckpt_path}: no such checkpoint file (a run's checkpoint.pt, or a copy of one)")
@@ -128,7 +175,7 @@ def load(ckpt_path: Path) -> dict:
 
 def trace(ckpt_path: Path, to: int, out: Path, lr: float | None = None, eps: float | None = None,
           beta2: float | None = None, grad_clip: float | None = None, entity_lr: float | None = None,
-          eval_every: int = 1) -> list[dict]:
+          eval_every: int = 1, term_grads: bool = False) -> list[dict]:
     """Train from the checkpoint's epoch to ``to``, one JSON line per epoch into ``out``."""
     if out.exists():
         raise DataError(f"{out} already exists; give another --out (nothing was changed)")
@@ -160,9 +207,11 @@ def trace(ckpt_path: Path, to: int, out: Path, lr: float | None = None, eps: flo
                             "changes": {k: v for k, v in changes.items() if v is not None}}) + "\n")
         for epoch in range(s.start + 1, to + 1):
             pairs, shuffle = train.epoch_pairs(s, epoch)
+            by_term = term_gradients(s, pairs, shuffle) if term_grads else None
             terms = train.train_epoch(s.model, s.club, s.inputs, pairs, cfg, s.gen, s.opt, s.q_opt, epoch,
                                       shuffle=shuffle)
-            rec = {"epoch": epoch, **{k: round(terms[k], 6) for k in TERMS if k in terms}, **probe.last}
+            rec = {"epoch": epoch, **{k: round(terms[k], 6) for k in TERMS if k in terms}, **probe.last,
+                   **({"term_grads": by_term} if by_term else {})}
             if (epoch - s.start) % eval_every == 0 or epoch == to:
                 res, health = train.evaluate(s.model, s.inputs, s.split.test, cfg, health_ids=sample)
                 rec["test"] = {k: res["avg"][k] for k in ("hits@1", "mrr")}
@@ -211,13 +260,16 @@ def main(argv=None) -> int:
                                                    "it, as --lr 0 freezes everything (train.py's --entity_lr 0 "
                                                    "means --lr instead)")
     t.add_argument("--eval_every", type=int, default=1, help="evaluate on the test pairs every N epochs")
+    t.add_argument("--term_grads", action="store_true", help="also record, per epoch, the entity table's gradient "
+                                                             "of each loss term on its own (one more forward pass "
+                                                             "and a backward pass per term: several times slower)")
     b = sub.add_parser("table", help="a markdown table of traces")
     b.add_argument("traces", type=Path, nargs="+")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "trace":
             trace(args.checkpoint, args.to, args.out, args.lr, args.eps, args.beta2, args.grad_clip, args.entity_lr,
-                  args.eval_every)
+                  args.eval_every, args.term_grads)
         else:
             print(table(args.traces))
     except DataError as e:
