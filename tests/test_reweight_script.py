@@ -28,5 +28,13 @@ def test_the_reweighting_script_rebuilds_the_runs_own_numbers(tiny_synthetic, tm
     for key in ("hits@1", "hits@10", "mrr"):
         assert learned[key] == pytest.approx(res["last_epoch"]["test"]["avg"][key], abs=1e-6)
     assert reweight.score(run, np.ones(len(run["modalities"])))["mrr"] != pytest.approx(learned["mrr"], abs=1e-6)
+    # The run's final checkpoint, embedded again, gives the same unimodal embeddings and numbers.
+    again = reweight.load_checkpoint(tmp_path / "plain" / "checkpoint.pt")
+    assert again["modalities"] == run["modalities"]
+    assert np.array_equal(np.sort(again["pairs"], 0), np.sort(run["pairs"], 0))
+    np.testing.assert_allclose(again["unimodal"][run["present"]], run["unimodal"][run["present"]], atol=1e-5)
+    assert reweight.score(again, again["weights"])["mrr"] == pytest.approx(learned["mrr"], abs=1e-6)
+    with pytest.raises(train.DataError, match="no such checkpoint file"):
+        reweight.load_checkpoint(tmp_path / "plain" / "nothing.pt")
     with pytest.raises(train.DataError, match="'sound' is not one of the run's modalities"):
         reweight.parse_mix("graph=0.5,sound=0.5", run["modalities"])

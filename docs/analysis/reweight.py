@@ -4,6 +4,7 @@ experts hold FB15K-YAGO15K back (docs/accuracy.md, "FB15K-YAGO15K").
 
     python docs/analysis/reweight.py runs/t1_yg_20
     python docs/analysis/reweight.py runs/t1_yg_20 --mix graph=0.5,attr_text=0.5 --mix graph=0.4,attr_text=0.6
+    python docs/analysis/reweight.py runs/probe/yg20_router_holdout/checkpoint.pt --mix graph=0.5,attr_text=0.5
 
 The run folder must hold entity_embeddings.npy (the fused h^f = [w_1 u_1; ...; w_M u_M] of every
 entity, Eq. 12), modality_weights.npy (w, N x M), predictions.tsv (its left entities and their gold
@@ -12,6 +13,11 @@ Each u_m is L2-normalised, so u_m = block_m / w_m wherever w_m > 0 (w_m = 0: the
 modality). A weighting is then applied to the u_m of every entity, renormalised over the modalities
 the entity has, and the test pairs are ranked as train.py ranks them. "learned" rebuilds the run's own
 fused embeddings, so its numbers equal the run's last epoch (a check of the reconstruction).
+
+Given a checkpoint file instead (an unfinished run's checkpoint.pt, or a kept copy), the model is
+rebuilt from it (its configuration, its data from the configuration's --file_dir: run from the
+repository root) and every entity embedded as an evaluation at that epoch would; "learned" then equals
+that epoch's evaluation.
 
 Rows: learned; uniform over the modalities an entity has; each modality alone; the learned weights
 with one modality's weight doubled or dropped; each --mix (one global weight per modality named, 0 for
@@ -56,6 +62,23 @@ def load_run(run: Path) -> dict:
             "csls": cfg.get("csls", True), "csls_k": cfg.get("csls_k", 3)}
 
 
+def load_checkpoint(path: Path) -> dict:
+    """What ``load_run`` returns, from a checkpoint: the model at that epoch embeds every entity."""
+    import train  # the model and its data; only this path needs them
+
+    if not path.is_file():
+        raise DataError(f"{path}: no such checkpoint file (a run's checkpoint.pt, or a copy of one)")
+    ckpt = train.read_checkpoint(path)
+    cfg = train.saved_config(ckpt["config"], str(path))
+    s = train.set_up(cfg, path.parent, ckpt)
+    emb = s.model.embed(np.arange(s.inputs.num_entities), s.inputs)
+    unimodal = torch.stack([emb.unimodal[m] for m in s.model.modalities], dim=1).numpy()  # (N, M, D)
+    w = emb.weights.numpy()
+    present = np.ones_like(w, dtype=bool) if emb.present is None else emb.present.numpy()
+    return {"unimodal": unimodal, "weights": w, "present": present, "pairs": s.split.test,
+            "modalities": list(s.model.modalities), "csls": cfg.csls, "csls_k": cfg.csls_k}
+
+
 def score(run: dict, weights: np.ndarray) -> dict:
     """Test metrics (the mean of both directions) of the fused embeddings under ``weights`` (N, M) or (M,),
     renormalised over each entity's modalities."""
@@ -96,12 +119,12 @@ def weightings(run: dict, mixes: list[str]) -> list[tuple[str, np.ndarray]]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("run", type=Path, help="a finished run folder")
+    p.add_argument("run", type=Path, help="a finished run folder, or a checkpoint file (.pt)")
     p.add_argument("--mix", action="append", default=[], help="global weights, e.g. graph=0.5,attr_text=0.5")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     try:
-        run = load_run(args.run)
+        run = load_checkpoint(args.run) if args.run.suffix == ".pt" else load_run(args.run)
         rows = weightings(run, args.mix)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
