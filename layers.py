@@ -444,14 +444,23 @@ class ModalityWeights(nn.Module):
     per-entity router of Eq. 11 with its input term removed, W = softmax(b), b (M,) starting at zero
     (weights 1/M). It has M parameters, so it cannot fit a few seed pairs by entity: the low-capacity
     router for ``--router_holdout`` (docs/accuracy.md, 'FB15K-YAGO15K'). ``present`` (B, M) masks the
-    modalities an entity lacks: the softmax runs over the rest."""
+    modalities an entity lacks: the softmax runs over the rest.
 
-    def __init__(self, num_modalities: int):
+    b = ``scale`` * p for the parameter p. AdamW moves a parameter by about its learning rate per step
+    whatever the gradient's size, so a bare b would move by at most 5e-4 a step at the paper's rate:
+    0.1 in 40 epochs of five steps, too slow to follow the modalities (measured). ``scale`` makes a step
+    move b by up to ``scale`` x lr, about as fast as the per-entity router's output moves."""
+
+    def __init__(self, num_modalities: int, scale: float = 20.0):
         super().__init__()
-        self.logits = nn.Parameter(torch.zeros(num_modalities))
+        self.scale = scale
+        self.param = nn.Parameter(torch.zeros(num_modalities))
+
+    def logits(self) -> torch.Tensor:
+        return self.scale * self.param  # (M,)
 
     def forward(self, parts: list[torch.Tensor], present: torch.Tensor | None = None):
-        logits = self.logits.expand(parts[0].shape[0], -1)  # (B, M)
+        logits = self.logits().expand(parts[0].shape[0], -1)  # (B, M)
         if present is not None:
             logits = logits.masked_fill(~present, -torch.inf)
         weights = torch.softmax(logits, dim=-1)  # (B, M)

@@ -283,11 +283,12 @@ def test_modality_weights_are_one_softmax_for_every_entity_and_learn_which_modal
     _, w = router(parts)
     torch.testing.assert_close(w, torch.full((4, 3), 1 / 3))  # starts uniform
     with torch.no_grad():
-        router.logits.copy_(torch.tensor([0.5, -1.0, 2.0]))
+        router.param.copy_(torch.tensor([0.5, -1.0, 2.0]) / router.scale)
     present = torch.tensor([[1, 1, 1], [1, 0, 1], [1, 1, 1], [0, 1, 1]], dtype=torch.bool)
     fused, w = router(parts, present)
     e = torch.tensor([0.5, -1.0, 2.0]).exp()
     torch.testing.assert_close(w[0], e / e.sum())  # softmax(b), the same for every complete entity
+    torch.testing.assert_close(router.logits(), torch.tensor([0.5, -1.0, 2.0]))
     torch.testing.assert_close(w[2], w[0])
     torch.testing.assert_close(w[1], torch.tensor([e[0], 0, e[2]]) / (e[0] + e[2]))  # renormalised
     torch.testing.assert_close(fused[1, 3:6], torch.zeros(3))
@@ -297,7 +298,7 @@ def test_modality_weights_are_one_softmax_for_every_entity_and_learn_which_modal
     views = [[a, F.normalize(torch.randn(6, 3), dim=1), F.normalize(torch.randn(6, 3), dim=1)],
              [a, F.normalize(torch.randn(6, 3), dim=1), F.normalize(torch.randn(6, 3), dim=1)]]
     router = ModalityWeights(3)
-    opt = torch.optim.SGD(router.parameters(), lr=0.5)
+    opt = torch.optim.SGD(router.parameters(), lr=0.5 / router.scale ** 2)  # SGD on b at rate 0.5
     for _ in range(50):
         f1, _ = router(views[0])
         f2, _ = router(views[1])
@@ -307,6 +308,12 @@ def test_modality_weights_are_one_softmax_for_every_entity_and_learn_which_modal
         opt.step()
     _, w = router(views[0])
     assert w[0, 0] > 0.6 and w[0, 0] > 2 * w[0, 1:].max()
+    # AdamW's first step moves each parameter by its rate, so each logit by scale x rate.
+    router = ModalityWeights(3)
+    opt = torch.optim.AdamW(router.parameters(), lr=1e-3, weight_decay=0.0)
+    router(views[0])[0][:, :3].sum().backward()
+    opt.step()
+    torch.testing.assert_close(router.logits().abs(), torch.full((3,), router.scale * 1e-3))
 
 
 def test_uniform_fusion_weights_are_one_over_m():
