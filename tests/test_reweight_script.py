@@ -3,6 +3,7 @@ unimodal embeddings. CPU, the tiny synthetic pair, a few seconds."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -38,3 +39,23 @@ def test_the_reweighting_script_rebuilds_the_runs_own_numbers(tiny_synthetic, tm
         reweight.load_checkpoint(tmp_path / "plain" / "nothing.pt")
     with pytest.raises(train.DataError, match="'sound' is not one of the run's modalities"):
         reweight.parse_mix("graph=0.5,sound=0.5", run["modalities"])
+
+
+def test_a_router_holdout_checkpoint_adds_its_held_out_pairs(tiny_synthetic, tmp_path, capsys):
+    """For a --router_holdout run the script also ranks the held-out seed pairs, among themselves and with
+    the test entities as distractors (more candidates: never an easier Hits@1)."""
+    argv = ["--file_dir", str(tiny_synthetic), *IL_SMALL, "--out_dir", str(tmp_path), "--run_name", "held"]
+    train.main(*train.parse_args([*argv, "--epochs", "4", "--router_holdout", "0.25"]))
+    ckpt = tmp_path / "held" / "checkpoint.pt"
+    run = reweight.load_checkpoint(ckpt)
+    held = run["held_out"]
+    res = json.loads((tmp_path / "held" / "results.json").read_text())
+    assert len(held) == res["pairs"]["router_holdout"] == 3  # a quarter of the 12 seed pairs
+    assert not set(held[:, 0]) & set(run["pairs"][:, 0])  # seed pairs, not test ones
+    alone = reweight.score(run, run["weights"], held)
+    among = reweight.score(run, run["weights"], held, distractors=True)
+    assert among["mrr"] <= alone["mrr"] + 1e-9
+    assert reweight.main([str(ckpt)]) == 0
+    out = capsys.readouterr().out
+    assert "| 3 held-out pairs among themselves, Hits@1 |" in out
+    assert out.count("|") > 6 * len(reweight.weightings(run, []))

@@ -17,7 +17,9 @@ fused embeddings, so its numbers equal the run's last epoch (a check of the reco
 Given a checkpoint file instead (an unfinished run's checkpoint.pt, or a kept copy), the model is
 rebuilt from it (its configuration, its data from the configuration's --file_dir: run from the
 repository root) and every entity embedded as an evaluation at that epoch would; "learned" then equals
-that epoch's evaluation.
+that epoch's evaluation. For a --router_holdout run, two more columns: its held-out seed pairs
+ranked among themselves, and among themselves with the test entities as distractors (what the router
+was fitted on, against what it is judged on).
 
 Rows: learned; uniform over the modalities an entity has; each modality alone; the learned weights
 with one modality's weight doubled or dropped; each --mix (one global weight per modality named, 0 for
@@ -76,18 +78,22 @@ def load_checkpoint(path: Path) -> dict:
     w = emb.weights.numpy()
     present = np.ones_like(w, dtype=bool) if emb.present is None else emb.present.numpy()
     return {"unimodal": unimodal, "weights": w, "present": present, "pairs": s.split.test,
-            "modalities": list(s.model.modalities), "csls": cfg.csls, "csls_k": cfg.csls_k}
+            "modalities": list(s.model.modalities), "csls": cfg.csls, "csls_k": cfg.csls_k,
+            "held_out": s.router_pairs}
 
 
-def score(run: dict, weights: np.ndarray) -> dict:
+def score(run: dict, weights: np.ndarray, pairs: np.ndarray | None = None, distractors: bool = False) -> dict:
     """Test metrics (the mean of both directions) of the fused embeddings under ``weights`` (N, M) or (M,),
-    renormalised over each entity's modalities."""
+    renormalised over each entity's modalities; of ``pairs`` instead of the test pairs if given, with the
+    test entities as extra candidates if ``distractors``."""
     w = np.broadcast_to(weights, run["weights"].shape) * run["present"]
     total = w.sum(1, keepdims=True)
     w = np.where(total > 0, w / np.where(total > 0, total, 1.0), 0.0)
     n, m, d = run["unimodal"].shape
     fused = torch.as_tensor((run["unimodal"] * w[:, :, None]).reshape(n, m * d), dtype=torch.float32)
-    return evaluate_alignment(fused, run["pairs"], csls_k=run["csls_k"], use_csls=run["csls"])["avg"]
+    extra = (run["pairs"][:, 0], run["pairs"][:, 1]) if distractors else None
+    return evaluate_alignment(fused, run["pairs"] if pairs is None else pairs, csls_k=run["csls_k"],
+                              use_csls=run["csls"], extra_candidates=extra)["avg"]
 
 
 def parse_mix(text: str, modalities: list[str]) -> np.ndarray:
@@ -132,10 +138,19 @@ def main(argv=None) -> int:
     mean = np.round(run["weights"][np.unique(run["pairs"])].mean(0), 3)
     print(f"{args.run}: {len(run['pairs'])} test pairs; mean learned weight on the test entities: "
           + ", ".join(f"{m} {w}" for m, w in zip(run["modalities"], mean)))
-    print("| weighting | test Hits@1 | MRR |\n|---|---|---|")
+    held = run.get("held_out")
+    if held is not None and len(held):
+        print(f"| weighting | test Hits@1 | MRR | {len(held)} held-out pairs among themselves, Hits@1 | the same "
+              "with the test entities as distractors |\n|---|---|---|---|---|")
+    else:
+        print("| weighting | test Hits@1 | MRR |\n|---|---|---|")
     for name, weights in rows:
         r = score(run, weights)
-        print(f"| {name} | {r['hits@1']:.4f} | {r['mrr']:.4f} |", flush=True)
+        line = f"| {name} | {r['hits@1']:.4f} | {r['mrr']:.4f} |"
+        if held is not None and len(held):
+            alone, among = score(run, weights, held), score(run, weights, held, distractors=True)
+            line += f" {alone['hits@1']:.4f} | {among['hits@1']:.4f} |"
+        print(line, flush=True)
     return 0
 
 
