@@ -496,7 +496,8 @@ def train_epoch(model: HUMEA, club: CLUBDisentanglement | None, inputs: ModelInp
     out = model(ids, inputs, router_only=router_only)
     fused_cl, uni_cl, distill = alignment_losses(model, out, ents, pairs, cfg, gen, shuffle)  # Eq. 13-16
     if held:  # the router's own pairs: L_f^CL only, scaled to the weight it would have on every pair
-        router_cl = alignment_losses(model, out, ents, router_pairs, cfg, gen, True, unimodal=False)[0]
+        tau = dataclasses.replace(cfg, tau_cl=cfg.router_tau) if cfg.router_tau else cfg
+        router_cl = alignment_losses(model, out, ents, router_pairs, tau, gen, True, unimodal=False)[0]
         fused_cl = fused_cl + router_cl * ((len(pairs) + len(router_pairs)) / len(router_pairs))
     club_term, experts, club_pairs = club_bound(club, out, len(ents), cfg, gen)  # Eq. 9
     total, terms = combined_loss(model, out, fused_cl, uni_cl, distill, club_term, cfg)  # Eq. 17

@@ -258,6 +258,10 @@ class Config:
                                        "modalities by how well they carry over to pairs they were not fitted on "
                                        "(0 = off, the paper: the router learns from every pair; docs/accuracy.md, "
                                        "'FB15K-YAGO15K'), in [0, 0.5)")
+    router_tau: float = _flag(0.0, "temperature of the fused loss on --router_holdout's pairs, the one the router "
+                                   "is fitted by (0 = --tau_cl). On FB15K-YAGO15K that loss at tau_cl 0.1 prefers "
+                                   "weights that rank the same pairs worse than at 0.05 (docs/accuracy.md, "
+                                   "'FB15K-YAGO15K')")
     router_balance: float = _flag(10.0, "weight beta of the router balance term beta * mean_e KL(w_e || uniform) "
                                         "over the epoch's training entities (0 = Eq. 17 as printed: no term)")
     feature_norm: str = _flag("l2", "input feature rows: l2 (every text, image and bag-of-words row "
@@ -340,6 +344,9 @@ class Config:
             raise DataError(f"--spike_guard_lr must be in (0, 1], got {self.spike_guard_lr}")
         if not 0.0 <= self.router_holdout < 0.5:
             raise DataError(f"--router_holdout must be in [0, 0.5), got {self.router_holdout}")
+        if self.router_tau < 0 or (self.router_tau and not self.router_holdout):
+            raise DataError(f"--router_tau {self.router_tau}: a temperature >= 0 for the router's own pairs, which "
+                            "only --router_holdout has")
         if self.early_stop and not self.val_ratio:
             raise DataError(f"--early_stop {self.early_stop} needs a validation split to watch: give --val_ratio > 0")
         if self.early_stop and self.il:

@@ -68,7 +68,7 @@ def test_a_run_keeps_the_held_out_pairs_from_the_modalities(tiny_synthetic, tmp_
     real = train.alignment_losses
 
     def recording(model, out, ents, pairs, cfg, gen, shuffle, unimodal=True):
-        calls.append((pairs.copy(), unimodal))
+        calls.append((pairs.copy(), unimodal, cfg.tau_cl))
         return real(model, out, ents, pairs, cfg, gen, shuffle, unimodal)
 
     monkeypatch.setattr(train, "alignment_losses", recording)
@@ -78,13 +78,21 @@ def test_a_run_keeps_the_held_out_pairs_from_the_modalities(tiny_synthetic, tmp_
     assert res["pairs"]["train"] == 8 and res["pairs"]["router_holdout"] == 2
     router_pairs = train.router_holdout_pairs(_seed_pairs(tiny_synthetic), train.Config(seed=42, router_holdout=0.25))
     assert len(calls) == 8  # two calls an epoch: the modalities' pairs, then the router's
-    for pairs, unimodal in calls:
+    for pairs, unimodal, tau in calls:
+        assert tau == 0.1  # --tau_cl for both
         if unimodal:
             assert len(pairs) == 6 and not train.rows_in(pairs, router_pairs).any()
         else:
             assert np.array_equal(np.sort(pairs, axis=0), np.sort(router_pairs, axis=0))
-    assert train.cli(_args(tiny_synthetic, out, "too_many", "--router_holdout", "0.5")) == 2
-    assert not (out / "too_many").exists()
+    # --router_tau: the router's pairs at their own temperature, the modalities' at --tau_cl.
+    calls.clear()
+    assert train.cli(_args(tiny_synthetic, out, "tau", "--epochs", "2", "--router_holdout", "0.25",
+                           "--router_tau", "0.05")) == 0
+    assert [(u, t) for _, u, t in calls] == [(True, 0.1), (False, 0.05)] * 2
+    for bad in (["--router_holdout", "0.5"], ["--router_tau", "0.05"],
+                ["--router_holdout", "0.25", "--router_tau", "-1"]):
+        assert train.cli(_args(tiny_synthetic, out, "refused", *bad)) == 2
+        assert not (out / "refused").exists()
 
 
 def _seed_pairs(tiny_synthetic) -> np.ndarray:
