@@ -9,9 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from test_iterative import IL_SMALL
 
 import train
+from loss import contrastive_alignment_loss
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "docs" / "analysis"))
 import reweight  # noqa: E402  (docs/analysis is on the path only now)
@@ -55,7 +57,15 @@ def test_a_router_holdout_checkpoint_adds_its_held_out_pairs(tiny_synthetic, tmp
     alone = reweight.score(run, run["weights"], held)
     among = reweight.score(run, run["weights"], held, distractors=True)
     assert among["mrr"] <= alone["mrr"] + 1e-9
-    assert reweight.main([str(ckpt)]) == 0
+    assert reweight.main([str(ckpt), "--loss_tau", "0.1,0.05"]) == 0
     out = capsys.readouterr().out
-    assert "| 3 held-out pairs among themselves, Hits@1 |" in out
-    assert out.count("|") > 6 * len(reweight.weightings(run, []))
+    assert "| 3 held-out pairs among themselves, Hits@1 |" in out and "their L_f^CL at tau 0.05 |" in out
+    assert out.count("|") > 8 * len(reweight.weightings(run, []))
+    # the loss is Eq. 13 on those pairs, the fused rows rebuilt from the learned weights
+    w = run["weights"] / run["weights"].sum(1, keepdims=True)
+    f = [torch.as_tensor((run["unimodal"][held[:, i]] * w[held[:, i], :, None]).reshape(len(held), -1))
+         for i in (0, 1)]
+    eq13 = float(contrastive_alignment_loss(f[0], f[1], 0.05))
+    assert reweight.held_out_loss(run, run["weights"], 0.05) == pytest.approx(eq13, rel=1e-5)
+    assert reweight.held_out_loss(run, run["weights"], 0.1) != pytest.approx(eq13, rel=1e-3)
+    assert reweight.main([str(tmp_path / "held" / "checkpoint.pt"), "--loss_tau", "x"]) == 2

@@ -19,7 +19,8 @@ rebuilt from it (its configuration, its data from the configuration's --file_dir
 repository root) and every entity embedded as an evaluation at that epoch would; "learned" then equals
 that epoch's evaluation. For a --router_holdout run, two more columns: its held-out seed pairs
 ranked among themselves, and among themselves with the test entities as distractors (what the router
-was fitted on, against what it is judged on).
+was fitted on, against what it is judged on). With --loss_tau T1,T2 also the loss the router is fitted by
+on those pairs, L_f^CL of Eq. 13 (one batch of them, evaluation-mode embeddings), at each temperature.
 
 Rows: learned; uniform over the modalities an entity has; each modality alone; the learned weights
 with one modality's weight doubled or dropped; each --mix (one global weight per modality named, 0 for
@@ -96,6 +97,19 @@ def score(run: dict, weights: np.ndarray, pairs: np.ndarray | None = None, distr
                               use_csls=run["csls"], extra_candidates=extra)["avg"]
 
 
+def held_out_loss(run: dict, weights: np.ndarray, tau: float) -> float:
+    """L_f^CL of the held-out pairs, in one batch, of the fused embeddings under ``weights`` at ``tau``."""
+    from loss import batch_alignment_losses
+
+    w = np.broadcast_to(weights, run["weights"].shape) * run["present"]
+    total = w.sum(1, keepdims=True)
+    w = np.where(total > 0, w / np.where(total > 0, total, 1.0), 0.0)
+    held = run["held_out"]
+    sides = [torch.as_tensor((run["unimodal"][held[:, i]] * w[held[:, i], :, None]).reshape(len(held), -1),
+                             dtype=torch.float32) for i in (0, 1)]
+    return float(batch_alignment_losses(*sides, {}, {}, tau, 1.0, unimodal_cl=False, distill=False)[0])
+
+
 def parse_mix(text: str, modalities: list[str]) -> np.ndarray:
     weights = np.zeros(len(modalities))
     for part in text.split(","):
@@ -127,6 +141,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", type=Path, help="a finished run folder, or a checkpoint file (.pt)")
     p.add_argument("--mix", action="append", default=[], help="global weights, e.g. graph=0.5,attr_text=0.5")
+    p.add_argument("--loss_tau", default="", help="temperatures, e.g. 0.1,0.05: a --router_holdout checkpoint's "
+                                                  "held-out pairs' fused loss at each")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     try:
@@ -139,9 +155,19 @@ def main(argv=None) -> int:
     print(f"{args.run}: {len(run['pairs'])} test pairs; mean learned weight on the test entities: "
           + ", ".join(f"{m} {w}" for m, w in zip(run["modalities"], mean)))
     held = run.get("held_out")
+    try:
+        taus = [float(t) for t in args.loss_tau.split(",") if t]
+    except ValueError:
+        print(f"error: --loss_tau {args.loss_tau}: expected temperatures separated by commas", file=sys.stderr)
+        return 2
+    if taus and (held is None or not len(held)):
+        print(f"error: --loss_tau: {args.run} has no held-out pairs (a --router_holdout run's checkpoint has)",
+              file=sys.stderr)
+        return 2
     if held is not None and len(held):
         print(f"| weighting | test Hits@1 | MRR | {len(held)} held-out pairs among themselves, Hits@1 | the same "
-              "with the test entities as distractors |\n|---|---|---|---|---|")
+              "with the test entities as distractors |" + "".join(f" their L_f^CL at tau {t} |" for t in taus)
+              + "\n|---|---|---|---|---|" + "---|" * len(taus))
     else:
         print("| weighting | test Hits@1 | MRR |\n|---|---|---|")
     for name, weights in rows:
@@ -150,6 +176,7 @@ def main(argv=None) -> int:
         if held is not None and len(held):
             alone, among = score(run, weights, held), score(run, weights, held, distractors=True)
             line += f" {alone['hits@1']:.4f} | {among['hits@1']:.4f} |"
+            line += "".join(f" {held_out_loss(run, weights, t):.3f} |" for t in taus)
         print(line, flush=True)
     return 0
 
