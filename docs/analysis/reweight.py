@@ -83,13 +83,18 @@ def load_checkpoint(path: Path) -> dict:
             "held_out": s.router_pairs}
 
 
+def renormalised(run: dict, weights: np.ndarray) -> np.ndarray:
+    """``weights`` (N, M) or (M,) as (N, M), zero where an entity lacks the modality and summing to 1 per entity."""
+    w = np.broadcast_to(weights, run["weights"].shape) * run["present"]
+    total = w.sum(1, keepdims=True)
+    return np.where(total > 0, w / np.where(total > 0, total, 1.0), 0.0)
+
+
 def score(run: dict, weights: np.ndarray, pairs: np.ndarray | None = None, distractors: bool = False) -> dict:
     """Test metrics (the mean of both directions) of the fused embeddings under ``weights`` (N, M) or (M,),
     renormalised over each entity's modalities; of ``pairs`` instead of the test pairs if given, with the
     test entities as extra candidates if ``distractors``."""
-    w = np.broadcast_to(weights, run["weights"].shape) * run["present"]
-    total = w.sum(1, keepdims=True)
-    w = np.where(total > 0, w / np.where(total > 0, total, 1.0), 0.0)
+    w = renormalised(run, weights)
     n, m, d = run["unimodal"].shape
     fused = torch.as_tensor((run["unimodal"] * w[:, :, None]).reshape(n, m * d), dtype=torch.float32)
     extra = (run["pairs"][:, 0], run["pairs"][:, 1]) if distractors else None
@@ -101,9 +106,7 @@ def held_out_loss(run: dict, weights: np.ndarray, tau: float) -> float:
     """L_f^CL of the held-out pairs, in one batch, of the fused embeddings under ``weights`` at ``tau``."""
     from loss import batch_alignment_losses
 
-    w = np.broadcast_to(weights, run["weights"].shape) * run["present"]
-    total = w.sum(1, keepdims=True)
-    w = np.where(total > 0, w / np.where(total > 0, total, 1.0), 0.0)
+    w = renormalised(run, weights)
     held = run["held_out"]
     sides = [torch.as_tensor((run["unimodal"][held[:, i]] * w[held[:, i], :, None]).reshape(len(held), -1),
                              dtype=torch.float32) for i in (0, 1)]
