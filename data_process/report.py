@@ -37,6 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 RUN_ALL = ROOT / "run_all.sh"
 RECORDS = ROOT / "docs" / "records"
+SUPERSEDED = "superseded"  # <records>/superseded/<name>.<k>.json: earlier runs of a line a fresh run replaced
 # What a record keeps of each metrics.jsonl line (the rest is the health monitor's detail).
 RECORD_METRIC_KEYS = ("epoch", "loss", "grad_norm_max", "loss_rise_max", "table_grad_rise_max", "train_pairs",
                       "pair_version", "seconds")
@@ -332,17 +333,68 @@ def record_of(run: Run) -> dict:
             "metrics": metrics}
 
 
+def same_run(a: dict, b: dict) -> bool:
+    """Whether two records hold the same run: the same selections and training time (a record rewritten
+    with other metric keys is still the same run; a fresh run of the same command is not)."""
+    ra, rb = a.get("results") or {}, b.get("results") or {}
+    return all(ra.get(k) == rb.get(k) for k in ("last_epoch", "best_test_epoch", "train_seconds"))
+
+
+def supersede(path: Path) -> Path:
+    """Move the record at ``path`` to <records>/superseded/<name>.<k>.json (the first free k) and return
+    the new path: a fresh run of the same line must not erase the numbers of the run it replaces."""
+    folder = path.parent / SUPERSEDED
+    folder.mkdir(parents=True, exist_ok=True)
+    k = 1
+    while (folder / f"{path.stem}.{k}.json").exists():
+        k += 1
+    return path.rename(folder / f"{path.stem}.{k}.json")
+
+
 def save_records(runs: list[Run], records_dir: Path) -> list[str]:
-    """Write docs/records/<name>.json for every finished run read from its folder; the names written."""
+    """Write docs/records/<name>.json for every finished run read from its folder; the names written. A
+    record of another run of the same line (a fresh run of the command) is first moved to
+    docs/records/superseded/, never overwritten."""
     records_dir = Path(records_dir)
     written = []
     for run in runs:
         if run.finished and run.record is None:
             records_dir.mkdir(parents=True, exist_ok=True)
-            text = json.dumps(record_of(run), indent=None, separators=(",", ":"))
-            (records_dir / f"{run.spec.name}.json").write_text(text + "\n", encoding="utf-8")
+            record, path = record_of(run), records_dir / f"{run.spec.name}.json"
+            earlier = _read_json(path) if path.exists() else None
+            if earlier is not None and not same_run(earlier, record):
+                kept = supersede(path)
+                print(f"report: {path} held an earlier run of {run.spec.name}; kept as {kept}", file=sys.stderr)
+            text = json.dumps(record, indent=None, separators=(",", ":"))
+            path.write_text(text + "\n", encoding="utf-8")
             written.append(run.spec.name)
     return written
+
+
+def superseded_runs(specs: list[RunSpec], records_dir: Path | None) -> dict[str, list[Run]]:
+    """The earlier runs of each line whose records a fresh run superseded, oldest first, by line name."""
+    out: dict[str, list[Run]] = {}
+    folder = Path(records_dir) / SUPERSEDED if records_dir is not None else None
+    if folder is None or not folder.is_dir():
+        return out
+    by_name = {s.name: s for s in specs}
+    for path in sorted(folder.glob("*.json"), key=lambda p: (p.name.rsplit(".", 2)[0], _record_index(p))):
+        name = path.name.rsplit(".", 2)[0]
+        saved = _read_json(path)
+        if name not in by_name or not saved or not saved.get("results"):
+            continue
+        results = saved["results"]
+        out.setdefault(name, []).append(Run(by_name[name], path, results.get("config"), results,
+                                            results.get("command"), saved.get("source", str(path)),
+                                            saved.get("metrics") or None))
+    return out
+
+
+def _record_index(path: Path) -> int:
+    try:
+        return int(path.name.rsplit(".", 2)[1])
+    except (IndexError, ValueError):
+        return 0
 
 
 def _lines(path: Path) -> list[str]:
@@ -732,19 +784,27 @@ def loss_rise_between_evaluations(metrics: list[dict], start: int = STABLE_FROM)
     return max(rises) if rises else None
 
 
-def stability_section(runs: list[Run]) -> list[str]:
+def stability_section(runs: list[Run], earlier: dict[str, list[Run]] | None = None) -> list[str]:
     """Per finished run: the peak and the last epoch, the largest loss rise between evaluations, the largest
-    from one epoch to the next (--spike_guard's loss_rise_max), the guard's rollbacks and the brake's events."""
+    from one epoch to the next (--spike_guard's loss_rise_max), the guard's rollbacks and the brake's events;
+    beneath it, the earlier runs of the same line that it superseded (``earlier``, by name)."""
+    earlier = earlier or {}
     rows = []
+    listed = []
     for r in runs:
-        if not r.finished or r.alias_of:
+        if r.alias_of:
             continue
+        if r.finished:
+            listed.append((r, f"`{r.spec.name}`"))
+        listed += [(o, f"`{o.spec.name}` (earlier run {i}, superseded)")
+                   for i, o in enumerate(earlier.get(r.spec.name, []), 1)]
+    for r, label in listed:
         res, metrics = r.results, r.metrics
         best, last = r.selection("best_test_epoch"), r.selection("last_epoch")
         rise = loss_rise_between_evaluations(metrics)
         per_epoch = [m["loss_rise_max"] for m in metrics if "loss_rise_max" in m and m["epoch"] >= STABLE_FROM]
         guard, brake = res.get("spike_guard"), res.get("table_brake")
-        rows.append([f"`{r.spec.name}`", f"{_num(best['avg']['hits@1'])} @{best['epoch']}" if best else "-",
+        rows.append([label, f"{_num(best['avg']['hits@1'])} @{best['epoch']}" if best else "-",
                      _num(last["avg"]["hits@1"]) if last else "-",
                      f"x{rise:.3f}" if rise is not None else "not recorded",
                      f"x{max(per_epoch):.3f}" if per_epoch else "-",
@@ -757,7 +817,10 @@ def stability_section(runs: list[Run]) -> list[str]:
             "one evaluation to the next on the same pairs (a spike shows as x1.2 or more; a run without one stays "
             "near x1.0), the largest from one epoch to the next where the spike guard recorded it, and how often "
             "the guard rolled back (`--spike_guard`) and the brake slowed the entity table (`--table_brake`). "
-            "Peak = best test epoch.", "",
+            "Peak = best test epoch."
+            + (" A run marked 'earlier run, superseded' is a previous run of the line above it, replaced by a "
+               "fresh run of the same command; its record is kept in the records' `superseded/` folder."
+               if any(earlier.values()) else ""), "",
             *_md_table(["run", "peak H@1", "last H@1", "loss rise between evaluations", "loss rise per epoch",
                         "rollbacks", "brakes"], rows), ""]
 
@@ -1091,7 +1154,7 @@ def build_report(runs_dir: Path, out: Path, figures: Path | None = None, run_all
     lines += iterative_section(runs, show_valid)
     lines += fig3_section(points, fig3_rel, skipped, fig3_epochs(runs))
     lines += fig4_section(f4, fig4_rel, skipped)
-    lines += stability_section(runs)
+    lines += stability_section(runs, superseded_runs(specs, records_dir))
     lines += runs_section(runs)
     text = "\n".join(lines).rstrip() + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)

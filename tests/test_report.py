@@ -391,3 +391,27 @@ def test_a_400_epoch_sweep_is_labelled_and_compared_with_the_base_runs_first_400
     default = next(line for line in section.splitlines() if "(default)" in line and "λ2" in line)
     assert "| 0.5400 | 0.5900 | 0.5600 | 0.6100 |" in default  # epoch 400; best up to 400 is epoch 200
     assert "| 0.4500 | 0.5000 | 0.4600 | 0.5100 |" in section  # the 400-epoch point itself
+
+
+def test_a_fresh_run_of_a_line_keeps_the_earlier_runs_record_and_shows_both(tmp_path):
+    """A fresh run of a line whose record holds another run moves that record to superseded/ (never
+    overwrites it); rewriting the same run's record supersedes nothing; the stability table lists the
+    earlier run beneath the current one."""
+    runs, records = tmp_path / "runs", tmp_path / "records"
+    make_run(runs, "t1_db_50", 0.7)
+    build_report(runs, tmp_path / "a.md", records_dir=records, save_records_to=records)
+    first = (records / "t1_db_50.json").read_text()
+    build_report(runs, tmp_path / "a.md", records_dir=records, save_records_to=records)  # same run again
+    assert not (records / "superseded").exists()
+    for f in (runs / "t1_db_50").iterdir():
+        f.unlink()
+    (runs / "t1_db_50").rmdir()
+    make_run(runs, "t1_db_50", 0.74)  # the fresh run of the same command
+    text = build_report(runs, tmp_path / "b.md", records_dir=records, save_records_to=records)
+    assert (records / "superseded" / "t1_db_50.1.json").read_text() == first
+    assert json.loads((records / "t1_db_50.json").read_text())["results"]["last_epoch"]["test"]["avg"]["hits@1"] == 0.74
+    section = _section(text, "Stability")
+    now = section.index("| `t1_db_50` | 0.7500 @990 | 0.7400 |")
+    before = section.index("| `t1_db_50` (earlier run 1, superseded) | 0.7100 @990 | 0.7000 |")
+    assert now < before
+    assert "0.7400" in _section(text, "Table 1") and "0.7000" not in _section(text, "Table 1")
