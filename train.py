@@ -466,19 +466,32 @@ def curriculum_pairs(model: HUMEA, inputs: ModelInputs, pairs: np.ndarray, k: in
     return pairs[groups.reshape(-1)]
 
 
-def train_epoch(model: HUMEA, club: CLUBDisentanglement | None, inputs: ModelInputs, pairs: np.ndarray,
-                cfg: Config, gen: torch.Generator, opt, q_opt, epoch: int, shuffle: bool = True,
-                router_pairs: np.ndarray | None = None) -> dict[str, float]:
-    """One optimiser step on the sum of the losses of all batches (as the official code does).
+@dataclass
+class EpochForward:
+    """One training epoch's forward pass: the entities it ran (sorted), the model's output on them and
+    the loss terms of Eq. 13-16 and 9 before their weights. ``router_cl`` is --router_holdout's fused loss
+    on its own pairs, already scaled (None without them); the step adds it to ``fused_cl``."""
+    ents: np.ndarray
+    out: object
+    fused_cl: torch.Tensor
+    router_cl: torch.Tensor | None
+    uni_cl: dict
+    distill: dict
+    club_term: torch.Tensor
+    experts: dict
+    club_pairs: object
+
+
+def epoch_forward(model: HUMEA, club: CLUBDisentanglement | None, inputs: ModelInputs, pairs: np.ndarray,
+                  cfg: Config, gen: torch.Generator, shuffle: bool = True,
+                  router_pairs: np.ndarray | None = None) -> EpochForward:
+    """The forward pass of :func:`train_epoch` (docs/analysis/spike.py splits its gradient by loss term).
 
     The experts run only on the entities of the training pairs: the losses read nothing else,
     and each expert acts on one entity at a time, so this equals the full computation.
     L_CLUB (Eq. 9) is defined on "a batch of entities"; it is computed on one random batch of
     ``club_bsize`` training entities per epoch, not on every loss batch: its variational networks
     run on every (entity, expert) row, which would otherwise cost more than the rest of the epoch.
-
-    ``epoch`` is the number of this epoch (1 = the first; the numbering of metrics.jsonl), used only to
-    name it when a loss term is NaN or infinite: FloatingPointError, raised before any parameter changes.
 
     ``router_pairs`` (--router_holdout): pairs whose fused loss L_f^CL, in batches of their own, trains
     the router alone; they have no unimodal losses, and the router gets nothing from ``pairs``. Their
@@ -495,12 +508,26 @@ def train_epoch(model: HUMEA, club: CLUBDisentanglement | None, inputs: ModelInp
         router_only = torch.as_tensor(np.isin(ents, router_pairs) & ~np.isin(ents, pairs), device=ids.device)
     out = model(ids, inputs, router_only=router_only)
     fused_cl, uni_cl, distill = alignment_losses(model, out, ents, pairs, cfg, gen, shuffle)  # Eq. 13-16
+    router_cl = None
     if held:  # the router's own pairs: L_f^CL only, scaled to the weight it would have on every pair
         tau = dataclasses.replace(cfg, tau_cl=cfg.router_tau) if cfg.router_tau else cfg
         router_cl = alignment_losses(model, out, ents, router_pairs, tau, gen, True, unimodal=False)[0]
-        fused_cl = fused_cl + router_cl * ((len(pairs) + len(router_pairs)) / len(router_pairs))
+        router_cl = router_cl * ((len(pairs) + len(router_pairs)) / len(router_pairs))
     club_term, experts, club_pairs = club_bound(club, out, len(ents), cfg, gen)  # Eq. 9
-    total, terms = combined_loss(model, out, fused_cl, uni_cl, distill, club_term, cfg)  # Eq. 17
+    return EpochForward(ents, out, fused_cl, router_cl, uni_cl, distill, club_term, experts, club_pairs)
+
+
+def train_epoch(model: HUMEA, club: CLUBDisentanglement | None, inputs: ModelInputs, pairs: np.ndarray,
+                cfg: Config, gen: torch.Generator, opt, q_opt, epoch: int, shuffle: bool = True,
+                router_pairs: np.ndarray | None = None) -> dict[str, float]:
+    """One optimiser step on the sum of the losses of all batches (as the official code does); the
+    forward pass is :func:`epoch_forward`.
+
+    ``epoch`` is the number of this epoch (1 = the first; the numbering of metrics.jsonl), used only to
+    name it when a loss term is NaN or infinite: FloatingPointError, raised before any parameter changes."""
+    f = epoch_forward(model, club, inputs, pairs, cfg, gen, shuffle, router_pairs)
+    fused_cl = f.fused_cl if f.router_cl is None else f.fused_cl + f.router_cl
+    total, terms = combined_loss(model, f.out, fused_cl, f.uni_cl, f.distill, f.club_term, cfg)  # Eq. 17
     for name, value in terms.items():
         finite_or_raise(name, torch.as_tensor(value).detach(), epoch)
     terms = {k: float(torch.as_tensor(v).detach()) for k, v in terms.items()}
@@ -515,7 +542,7 @@ def train_epoch(model: HUMEA, club: CLUBDisentanglement | None, inputs: ModelInp
         # CLUB's variational networks Q_m are fitted by their own optimiser on detached outputs.
         club.requires_grad_(True)
         q_opt.zero_grad(set_to_none=True)
-        fit = club.q_fit_loss({m: e.detach() for m, e in experts.items()}, club_pairs)
+        fit = club.q_fit_loss({m: e.detach() for m, e in f.experts.items()}, f.club_pairs)
         finite_or_raise("club_q_fit", fit, epoch)
         fit.backward()
         q_opt.step()

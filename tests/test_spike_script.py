@@ -119,3 +119,18 @@ def test_term_gradients_sum_to_the_steps_and_leave_the_trace_unchanged(runs, tmp
         # the parts, projected on the total, add up to it: sum_k |g_k| cos_k = |g|
         assert sum(v["norm"] * v["cos"] for v in t["terms"].values()) == pytest.approx(t["table_total"], rel=1e-5)
         assert "uni_cl.rel_bow" not in t["terms"]  # another modality's own loss never reaches the table
+
+
+def test_a_router_holdout_run_is_traced_exactly_and_its_router_loss_split_out(tiny_synthetic, tmp_path):
+    """Under --router_holdout the trace trains on the run's own router pairs (so it continues the run), and
+    --term_grads gives the router's fused loss a term of its own; the terms still add up to the step's."""
+    flags = ("--router_holdout", "0.25", "--router_tau", "0.05")
+    for name, epochs in (("short", "5"), ("long", "7")):
+        assert train.cli(_args(tiny_synthetic, tmp_path, name, "--epochs", epochs, *flags)) == 0
+    recs = spike.trace(tmp_path / "short" / "checkpoint.pt", 7, tmp_path / "held.jsonl", term_grads=True)
+    long = {m["epoch"]: m for m in _metrics(tmp_path / "long")}
+    assert recs[-1]["loss"] == long[7]["loss"]
+    assert recs[-1]["test"]["hits@1"] == long[7]["test"]["avg"]["hits@1"]
+    t = recs[-1]["term_grads"]
+    assert "router_cl" in t["terms"]
+    assert sum(v["norm"] * v["cos"] for v in t["terms"].values()) == pytest.approx(t["table_total"], rel=1e-5)

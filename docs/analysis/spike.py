@@ -122,33 +122,30 @@ def own_learning_rate(opt: torch.optim.Optimizer, param: torch.nn.Parameter, lr:
 
 
 def term_gradients(s: train.Session, pairs: np.ndarray, shuffle: bool) -> dict:
-    """Which loss term the entity table's gradient comes from: the epoch's forward pass done once more,
-    and the table's gradient of each term of Eq. 17 as weighted in the total (the fused L_f^CL, each
-    modality's lambda_1 L_m^CL and lambda_2 L_m^AL, w_mi L_CLUB) and of the router balance term, each on
-    its own. The terms' gradients sum to the step's. The random states are put back afterwards, so the
-    step that follows is the one the trace takes without this.
+    """Which loss term the entity table's gradient comes from: the epoch's forward pass
+    (:func:`train.epoch_forward`) done once more, and the table's gradient of each term of Eq. 17 as
+    weighted in the total (the fused L_f^CL, each modality's lambda_1 L_m^CL and lambda_2 L_m^AL,
+    w_mi L_CLUB), of the router balance term and, under --router_holdout, of the router's own fused loss
+    ("router_cl"), each on its own. The terms' gradients sum to the step's. The random states are put
+    back afterwards, so the step that follows is the one the trace takes without this.
 
     Per term: the norm of its table gradient, its cosine with the sum of them all, and its norm on the
     row with the largest total gradient."""
     cfg, model, table = s.cfg, s.model, train.entity_table(s.model)
     if table is None:
         raise DataError("--term_grads: a run without the graph modality has no entity table")
-    if cfg.loss_weighting != "sum" or cfg.router_holdout:
-        raise DataError("--term_grads: only for runs with --loss_weighting sum and no --router_holdout")
+    if cfg.loss_weighting != "sum":
+        raise DataError("--term_grads: only for runs with --loss_weighting sum (learned weights mix the terms)")
     cpu, gen = torch.get_rng_state(), s.gen.get_state()
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    model.train()
-    if s.club is not None:
-        s.club.requires_grad_(False)
-    ents = np.unique(pairs)
-    out = model(torch.as_tensor(ents, device=s.inputs.graph.src.device), s.inputs)
-    fused_cl, uni_cl, distill = train.alignment_losses(model, out, ents, pairs, cfg, s.gen, shuffle)
-    club_term = train.club_bound(s.club, out, len(ents), cfg, s.gen)[0]
-    terms = {"fused_cl": fused_cl, **{f"uni_cl.{m}": cfg.cl_loss * v for m, v in uni_cl.items()},
-             **{f"distill.{m}": train.distill_weight(cfg) * v for m, v in distill.items()},
-             "club": cfg.mi_loss * club_term}
+    f = train.epoch_forward(model, s.club, s.inputs, pairs, cfg, s.gen, shuffle, s.router_pairs)
+    terms = {"fused_cl": f.fused_cl, **{f"uni_cl.{m}": cfg.cl_loss * v for m, v in f.uni_cl.items()},
+             **{f"distill.{m}": train.distill_weight(cfg) * v for m, v in f.distill.items()},
+             "club": cfg.mi_loss * f.club_term}
+    if f.router_cl is not None:
+        terms["router_cl"] = f.router_cl
     if cfg.router_balance > 0:
-        terms["balance"] = cfg.router_balance * train.router_imbalance(out.weights, out.present)
+        terms["balance"] = cfg.router_balance * train.router_imbalance(f.out.weights, f.out.present)
     grads = {}
     for name, term in terms.items():
         if isinstance(term, torch.Tensor) and term.requires_grad:
@@ -209,7 +206,7 @@ def trace(ckpt_path: Path, to: int, out: Path, lr: float | None = None, eps: flo
             pairs, shuffle = train.epoch_pairs(s, epoch)
             by_term = term_gradients(s, pairs, shuffle) if term_grads else None
             terms = train.train_epoch(s.model, s.club, s.inputs, pairs, cfg, s.gen, s.opt, s.q_opt, epoch,
-                                      shuffle=shuffle)
+                                      shuffle=shuffle, router_pairs=s.router_pairs)
             rec = {"epoch": epoch, **{k: round(terms[k], 6) for k in TERMS if k in terms}, **probe.last,
                    **({"term_grads": by_term} if by_term else {})}
             if (epoch - s.start) % eval_every == 0 or epoch == to:
