@@ -540,6 +540,12 @@ def _pair(values) -> str:
 
 
 def _ours_pair(run: Run | None, key: str) -> str:
+    if run is not None and not run.finished and run.folder.is_dir():
+        done = [m for m in run.metrics if "test" in m]
+        if done:  # an unfinished run: its latest evaluation in the last-epoch column, labelled so
+            m, avg = done[-1], done[-1]["test"]["avg"]
+            return (f"unfinished: {_num(avg['hits@1'])} / {_num(avg['mrr'])} at epoch {m['epoch']} of "
+                    f"{run.total_epochs}" if key == "last_epoch" else "unfinished")
     if run is None or not run.finished:
         return "not run yet"
     sel = run.selection(key)

@@ -278,6 +278,14 @@ def test_the_readme_table_is_spliced_between_its_markers_and_says_what_the_data_
     assert "57% of YAGO15K's triples" in yg20 and yg20.endswith("| not run yet | not run yet |")
     build_report(runs, tmp_path / "r.md", readme=readme)
     assert readme.read_text() == text  # idempotent
+    running = runs / "il_db_20"  # an unfinished run shows its latest evaluation, labelled unfinished
+    running.mkdir()
+    (running / "config.json").write_text(json.dumps({"epochs": 1000, "il": True, "il_epochs": 500}))
+    (running / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "loss": 1.0, "test": _metrics(h)}) + "\n"
+                                                  for e, h in ((1150, 0.68), (1160, 0.6812))))
+    build_report(runs, tmp_path / "r.md", readme=readme)
+    il = next(l for l in readme.read_text().splitlines() if l.startswith("| FB15K-DB15K 20%, iterative |"))
+    assert il.endswith("| unfinished: 0.6812 / 0.7312 at epoch 1160 of 1500 | unfinished |")
     bare = tmp_path / "BARE.md"
     bare.write_text("# no markers\n")
     with pytest.raises(ValueError, match="no '<!-- results:begin -->'"):
