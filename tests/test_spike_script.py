@@ -119,6 +119,14 @@ def test_term_gradients_sum_to_the_steps_and_leave_the_trace_unchanged(runs, tmp
         # the parts, projected on the total, add up to it: sum_k |g_k| cos_k = |g|
         assert sum(v["norm"] * v["cos"] for v in t["terms"].values()) == pytest.approx(t["table_total"], rel=1e-5)
         assert "uni_cl.rel_bow" not in t["terms"]  # another modality's own loss never reaches the table
+    lines = spike.term_table(tmp_path / "split.jsonl").splitlines()
+    assert len(lines) == 2 + len(split)
+    last = lines[-1].split(" | ")[2:]  # each term's share of the table's gradient at the last epoch
+    shares = [float(c.split(" (")[0]) for c in last if c.strip(" |") != "-"]
+    assert sum(shares) == pytest.approx(1.0, abs=0.01 * len(shares))  # two-decimal shares add up to 1
+    assert shares == sorted(shares, reverse=True)
+    with pytest.raises(DataError, match="no epoch has term_grads"):
+        spike.term_table(tmp_path / "free.jsonl")
 
 
 def test_a_router_holdout_run_is_traced_exactly_and_its_router_loss_split_out(tiny_synthetic, tmp_path):

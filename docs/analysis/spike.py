@@ -7,6 +7,8 @@ metrics after it. Made to find what turns a long run's loss up (seed 43, docs/ac
     python docs/analysis/spike.py trace CKPT --to 990 --grad_clip 40 --out runs/spike/clip40.jsonl
     python docs/analysis/spike.py trace CKPT --to 990 --eps 1e-6 --out runs/spike/eps.jsonl
     python docs/analysis/spike.py table runs/spike/base.jsonl runs/spike/lr_half.jsonl
+    python docs/analysis/spike.py trace CKPT --to 990 --term_grads --out runs/spike/terms.jsonl
+    python docs/analysis/spike.py terms runs/spike/terms.jsonl
 
 CKPT is a run's checkpoint.pt (or a copy of one: the run overwrites its own every --save_every
 epochs). The trace reads the run's configuration from the checkpoint and its data from the
@@ -242,6 +244,29 @@ def table(paths: list[Path]) -> str:
     return "\n".join(rows)
 
 
+def term_table(path: Path) -> str:
+    """Per epoch of a --term_grads trace: the entity table's gradient norm, then each loss term's share of
+    it (its norm times its cosine with the total, as a fraction of the total: the shares add up to 1) and
+    its own norm, terms in the order of their share at the last epoch."""
+    _, recs = read(path)
+    recs = [r for r in recs if "term_grads" in r]
+    if not recs:
+        raise DataError(f"{path}: no epoch has term_grads (trace with --term_grads)")
+    last = recs[-1]["term_grads"]["terms"]
+    names = sorted(last, key=lambda k: -last[k]["norm"] * last[k]["cos"])
+    rows = ["| epoch | table grad | " + " | ".join(f"{n}: share (norm)" for n in names) + " |",
+            "|---|---|" + "---|" * len(names)]
+    for r in recs:
+        t = r["term_grads"]
+        total = t["table_total"] or 1.0
+        cells = []
+        for n in names:
+            v = t["terms"].get(n)
+            cells.append(f"{v['norm'] * v['cos'] / total:.2f} ({v['norm']:.3g})" if v else "-")
+        rows.append(f"| {r['epoch']} | {t['table_total']:.3g} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -262,11 +287,16 @@ def main(argv=None) -> int:
                                                              "and a backward pass per term: several times slower)")
     b = sub.add_parser("table", help="a markdown table of traces")
     b.add_argument("traces", type=Path, nargs="+")
+    g = sub.add_parser("terms", help="a markdown table of a --term_grads trace: each loss term's share of the "
+                                     "entity table's gradient, per epoch")
+    g.add_argument("trace", type=Path)
     args = ap.parse_args(argv)
     try:
         if args.cmd == "trace":
             trace(args.checkpoint, args.to, args.out, args.lr, args.eps, args.beta2, args.grad_clip, args.entity_lr,
                   args.eval_every, args.term_grads)
+        elif args.cmd == "terms":
+            print(term_table(args.trace))
         else:
             print(table(args.traces))
     except DataError as e:
