@@ -468,10 +468,9 @@ def curriculum_pairs(model: HUMEA, inputs: ModelInputs, pairs: np.ndarray, k: in
 
 @dataclass
 class EpochForward:
-    """One training epoch's forward pass: the entities it ran (sorted), the model's output on them and
-    the loss terms of Eq. 13-16 and 9 before their weights. ``router_cl`` is --router_holdout's fused loss
-    on its own pairs, already scaled (None without them); the step adds it to ``fused_cl``."""
-    ents: np.ndarray
+    """One training epoch's forward pass: the model's output on the epoch's entities and the loss terms
+    of Eq. 13-16 and 9 before their weights. ``router_cl`` is --router_holdout's fused loss on its own
+    pairs, already scaled (None without them); the step adds it to ``fused_cl``."""
     out: object
     fused_cl: torch.Tensor
     router_cl: torch.Tensor | None
@@ -514,7 +513,7 @@ def epoch_forward(model: HUMEA, club: CLUBDisentanglement | None, inputs: ModelI
         router_cl = alignment_losses(model, out, ents, router_pairs, tau, gen, True, unimodal=False)[0]
         router_cl = router_cl * ((len(pairs) + len(router_pairs)) / len(router_pairs))
     club_term, experts, club_pairs = club_bound(club, out, len(ents), cfg, gen)  # Eq. 9
-    return EpochForward(ents, out, fused_cl, router_cl, uni_cl, distill, club_term, experts, club_pairs)
+    return EpochForward(out, fused_cl, router_cl, uni_cl, distill, club_term, experts, club_pairs)
 
 
 def train_epoch(model: HUMEA, club: CLUBDisentanglement | None, inputs: ModelInputs, pairs: np.ndarray,

@@ -201,6 +201,14 @@ def _read_json(path: Path):
         return None
 
 
+def read_record(path: Path) -> tuple[dict | None, str | None, list | None]:
+    """A record's (results, where they came from, its evaluations); (None, None, None) without one."""
+    saved = _read_json(path)
+    if not saved or not saved.get("results"):
+        return None, None, None
+    return saved["results"], saved.get("source", "a record"), saved.get("metrics") or None
+
+
 @dataclass
 class Run:
     spec: RunSpec
@@ -218,10 +226,7 @@ class Run:
         results = _read_json(folder / "results.json")
         record, record_metrics = None, None
         if results is None and records_dir is not None:
-            saved = _read_json(Path(records_dir) / f"{spec.name}.json")
-            if saved and saved.get("results"):
-                results, record = saved["results"], saved.get("source", "a record")
-                record_metrics = saved.get("metrics") or None
+            results, record, record_metrics = read_record(Path(records_dir) / f"{spec.name}.json")
         config = (results or {}).get("config") or _read_json(folder / "config.json")
         cmd_file = folder / "command.txt"
         command = cmd_file.read_text(encoding="utf-8").strip() if cmd_file.is_file() else None
@@ -378,23 +383,17 @@ def superseded_runs(specs: list[RunSpec], records_dir: Path | None) -> dict[str,
     if folder is None or not folder.is_dir():
         return out
     by_name = {s.name: s for s in specs}
-    for path in sorted(folder.glob("*.json"), key=lambda p: (p.name.rsplit(".", 2)[0], _record_index(p))):
-        name = path.name.rsplit(".", 2)[0]
-        saved = _read_json(path)
-        if name not in by_name or not saved or not saved.get("results"):
-            continue
-        results = saved["results"]
-        out.setdefault(name, []).append(Run(by_name[name], path, results.get("config"), results,
-                                            results.get("command"), saved.get("source", str(path)),
-                                            saved.get("metrics") or None))
+    kept = []  # (line name, k, path) of <name>.<k>.json
+    for path in folder.glob("*.json"):
+        name, _, k = path.stem.rpartition(".")
+        if name in by_name and k.isdigit():
+            kept.append((name, int(k), path))
+    for name, _, path in sorted(kept):
+        results, source, metrics = read_record(path)
+        if results is not None:
+            out.setdefault(name, []).append(Run(by_name[name], path, results.get("config"), results,
+                                                results.get("command"), source, metrics))
     return out
-
-
-def _record_index(path: Path) -> int:
-    try:
-        return int(path.name.rsplit(".", 2)[1])
-    except (IndexError, ValueError):
-        return 0
 
 
 def _lines(path: Path) -> list[str]:
