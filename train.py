@@ -623,7 +623,7 @@ def combined_loss(model: HUMEA, out, fused_cl, uni_cl: dict, distill: dict, club
                        weights["cl"] if weights else None, weights["al"] if weights else None)  # Eq. 17
     balance = torch.zeros((), device=out.fused.device)
     if cfg.router_balance > 0:
-        balance = router_imbalance(out.weights, out.present)
+        balance = balance_term(model, out, cfg)
         total = total + cfg.router_balance * balance
     terms = {"fused_cl": fused_cl, "uni_cl": sum(uni_cl.values(), 0.0), "distill": sum(distill.values(), 0.0),
              "club": club_term, "balance": balance, "total": total}
@@ -634,6 +634,17 @@ def distill_weight(cfg: Config) -> float:
     """lambda_2 of Eq. 17: --al_loss, or its square under the official code's joint teacher (which
     multiplies its distillation loss by al_loss twice)."""
     return cfg.al_loss ** 2 if cfg.distill_direction == "joint_teacher" else cfg.al_loss
+
+
+def balance_term(model: HUMEA, out, cfg: Config) -> torch.Tensor:
+    """The router balance term before its weight (--router_balance). With --router_balance_reach router
+    its weights are recomputed from detached modality embeddings (same values), so that it trains the
+    router's own parameters only; with all (the default) it also reaches every modality's experts and
+    the entity table through the router's input."""
+    weights = out.weights
+    if cfg.router_balance_reach == "router":
+        weights = model.fusion([out.unimodal[m].detach() for m in model.modalities], out.present)[1]
+    return router_imbalance(weights, out.present)
 
 
 def router_imbalance(weights: torch.Tensor, present: torch.Tensor | None) -> torch.Tensor:

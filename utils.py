@@ -264,6 +264,11 @@ class Config:
                                    "'FB15K-YAGO15K')")
     router_balance: float = _flag(10.0, "weight beta of the router balance term beta * mean_e KL(w_e || uniform) "
                                         "over the epoch's training entities (0 = Eq. 17 as printed: no term)")
+    router_balance_reach: str = _flag("all", "what the router balance term trains: all (the router and, through its "
+                                             "input, every modality's experts and the entity table) or router (the "
+                                             "router's own parameters only: the modality embeddings enter it "
+                                             "detached; docs/accuracy.md, 'The spike guard')",
+                                      choices=("all", "router"))
     feature_norm: str = _flag("l2", "input feature rows: l2 (every text, image and bag-of-words row "
                                     "L2-normalised), official (text and image L2, bag-of-words raw counts / "
                                     "binary) or bow_l2 (bag-of-words L2, text and image raw)",

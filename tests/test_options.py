@@ -428,3 +428,33 @@ def test_graph_residual_adds_the_normalised_input_to_the_mixture():
     torch.testing.assert_close(mixed, F.layer_norm(x, (D,)) + torch.einsum("bk,bkd->bd", gate, experts))
     with pytest.raises(ValueError, match="equal input and output sizes"):
         IntraModalMoE(D + 1, D, D, 3, residual=True)
+
+
+def test_a_balance_term_that_reaches_the_router_only_leaves_every_other_gradient_at_zero(tiny_data):
+    """--router_balance_reach router: the same balance value and the same router gradient, but nothing for
+    the experts or the entity table (with all, the default, the term reaches them through the router's input)."""
+    inputs = ModelInputs.from_data(tiny_data, "cpu")
+    grads = {}
+    for reach in ("all", "router"):
+        cfg = _cfg(router_balance_reach=reach)
+        torch.manual_seed(0)
+        model = HUMEA(ModelConfig.from_config(cfg), inputs)
+        with torch.no_grad():
+            for p in model.fusion.parameters():  # a router that is not uniform, so the term has a gradient
+                p.copy_(torch.randn_like(p) * 0.5)
+        out = model(torch.arange(30), inputs)
+        value = train.balance_term(model, out, cfg)
+        value.backward()
+        grads[reach] = (float(value.detach()), {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
+                                                for n, p in model.named_parameters()})
+    (v_all, g_all), (v_router, g_router) = grads["all"], grads["router"]
+    assert v_router == v_all > 0
+    router_names = [n for n in g_all if n.startswith("fusion.")]
+    assert router_names
+    for n in router_names:
+        torch.testing.assert_close(g_router[n], g_all[n])
+    others = [n for n in g_all if not n.startswith("fusion.")]
+    assert sum(float(g_all[n].norm()) for n in others) > 0  # the default reaches the experts and the table
+    assert all(float(g_router[n].norm()) == 0 for n in others)
+    table = [n for n in others if g_all[n].shape[0] == tiny_data.num_entities]
+    assert table and float(g_all[table[0]].norm()) > 0

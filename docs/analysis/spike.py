@@ -19,7 +19,9 @@ evaluated epochs equal those in the run's metrics.jsonl (tests/test_spike_script
 embedded default). ``--lr``, ``--eps`` and ``--beta2`` change the AdamW parameter groups from the
 first traced step on (``--beta2`` keeps the bias-corrected second moments continuous, ``set_beta2``);
 ``--grad_clip`` rescales the gradient to at most that norm (train.clip_gradient); ``--entity_lr`` gives
-the entity table e^g a learning rate of its own. The records' ``lr`` is the first group's.
+the entity table e^g a learning rate of its own; ``--balance_reach router`` lets the router balance term
+train the router's own parameters only (train.py --router_balance_reach). The records' ``lr`` is the
+first group's.
 
 Per epoch and per part of the model (each parameter of the graph encoder, each modality's experts,
 the fusion, the loss weights): the gradient's norm, the update's norm, the largest update of one
@@ -174,7 +176,7 @@ def load(ckpt_path: Path) -> dict:
 
 def trace(ckpt_path: Path, to: int, out: Path, lr: float | None = None, eps: float | None = None,
           beta2: float | None = None, grad_clip: float | None = None, entity_lr: float | None = None,
-          eval_every: int = 1, term_grads: bool = False) -> list[dict]:
+          eval_every: int = 1, term_grads: bool = False, balance_reach: str | None = None) -> list[dict]:
     """Train from the checkpoint's epoch to ``to``, one JSON line per epoch into ``out``."""
     if out.exists():
         raise DataError(f"{out} already exists; give another --out (nothing was changed)")
@@ -186,6 +188,8 @@ def trace(ckpt_path: Path, to: int, out: Path, lr: float | None = None, eps: flo
         raise DataError(f"--to {to}: the checkpoint is at epoch {ckpt['epoch']}; give a later epoch")
     if grad_clip is not None:
         cfg = dataclasses.replace(cfg, grad_clip=grad_clip)
+    if balance_reach is not None:
+        cfg = dataclasses.replace(cfg, router_balance_reach=balance_reach)
     s = train.set_up(cfg, ckpt_path.parent, ckpt)
     for group in s.opt.param_groups:
         group.update({k: v for k, v in (("lr", lr), ("eps", eps)) if v is not None})
@@ -199,7 +203,8 @@ def trace(ckpt_path: Path, to: int, out: Path, lr: float | None = None, eps: flo
     probe = StepProbe(s.model, s.opt)
     sample = train.health_sample(s.split.test, cfg.seed)
     out.parent.mkdir(parents=True, exist_ok=True)
-    changes = {"lr": lr, "eps": eps, "beta2": beta2, "grad_clip": grad_clip, "entity_lr": entity_lr}
+    changes = {"lr": lr, "eps": eps, "beta2": beta2, "grad_clip": grad_clip, "entity_lr": entity_lr,
+               "balance_reach": balance_reach}
     records = []
     with open(out, "x") as f:
         f.write(json.dumps({"checkpoint": str(ckpt_path), "from_epoch": s.start,
@@ -281,6 +286,9 @@ def main(argv=None) -> int:
     t.add_argument("--entity_lr", type=float, help="a learning rate of its own for the entity table (e^g); 0 freezes "
                                                    "it, as --lr 0 freezes everything (train.py's --entity_lr 0 "
                                                    "means --lr instead)")
+    t.add_argument("--balance_reach", choices=("all", "router"), help="what the router balance term trains from "
+                                                                      "the first traced step on (train.py "
+                                                                      "--router_balance_reach)")
     t.add_argument("--eval_every", type=int, default=1, help="evaluate on the test pairs every N epochs")
     t.add_argument("--term_grads", action="store_true", help="also record, per epoch, the entity table's gradient "
                                                              "of each loss term on its own (one more forward pass "
@@ -294,7 +302,7 @@ def main(argv=None) -> int:
     try:
         if args.cmd == "trace":
             trace(args.checkpoint, args.to, args.out, args.lr, args.eps, args.beta2, args.grad_clip, args.entity_lr,
-                  args.eval_every, args.term_grads)
+                  args.eval_every, args.term_grads, args.balance_reach)
         elif args.cmd == "terms":
             print(term_table(args.trace))
         else:
