@@ -267,7 +267,8 @@ class Config:
     router_balance_reach: str = _flag("all", "what the router balance term trains: all (the router and, through its "
                                              "input, every modality's experts and the entity table) or router (the "
                                              "router's own parameters only: the modality embeddings enter it "
-                                             "detached; docs/accuracy.md, 'The spike guard')",
+                                             "detached; switched to in mid-run it broke the entity table within "
+                                             "five epochs, docs/accuracy.md 'The table brake')",
                                       choices=("all", "router"))
     feature_norm: str = _flag("l2", "input feature rows: l2 (every text, image and bag-of-words row "
                                     "L2-normalised), official (text and image L2, bag-of-words raw counts / "
