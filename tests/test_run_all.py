@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shutil
 import stat
 import subprocess
 from pathlib import Path
@@ -476,3 +477,22 @@ def test_run_sh_codes_match_the_modality_table():
     assert re.search(r'0\|""\) echo "" ;;', body)
     assert {0: "", **codes} == table
     assert CODES == {str(c): (n or None) for c, n in table.items()}
+
+
+@pytest.mark.skipif(shutil.which("pgrep") is None, reason="run_all.sh looks for other trainings with pgrep")
+def test_warns_when_another_training_runs_and_threads_are_not_set(fake):
+    """One run at a time takes torch's default threads: beside another train.py that over-subscribes the
+    cores, so run_all.sh says so (not when OMP_NUM_THREADS is set)."""
+    fake.env.pop("OMP_NUM_THREADS", None)
+    other = subprocess.Popen(["bash", "-c", "sleep 60", "train.py"])  # a process whose command line names train.py
+    try:
+        warned = fake.run("run_all.sh", "--only", "t1_db_20", "--out_dir", fake.out).stderr
+        quiet = fake.run("run_all.sh", "--only", "t1_db_50", "--out_dir", fake.out,
+                         extra_env={"OMP_NUM_THREADS": "1"}).stderr
+    finally:
+        other.kill()
+        other.wait()
+    assert "another training (train.py) is running" in warned and "OMP_NUM_THREADS=1" in warned
+    assert "another training" not in quiet
+    trained = [_flag(argv, "--run_name") for _, argv in fake.calls()]  # the report's calls have no run name
+    assert [n for n in trained if n] == ["t1_db_20", "t1_db_50"]
