@@ -184,6 +184,14 @@ class HUMEA(nn.Module):
             fused, weights = fused.float(), weights.float()
         return Embeddings(unimodal, experts, gates, weights, fused, present)
 
+    def detached_router_weights(self, out: Embeddings) -> torch.Tensor:
+        """The modality weights (B, M) of ``out`` recomputed from its modality embeddings detached: the
+        same values (under the same autocast), with a gradient for the fusion's own parameters only
+        (--router_balance_reach router)."""
+        with self._autocast(out.fused.device):
+            _, weights = self.fusion([out.unimodal[m].detach() for m in self.modalities], out.present)
+        return weights.float()
+
     def _autocast(self, device: torch.device):
         """Mixed precision of the expert and router matmuls when ``amp_dtype`` is set (e.g.
         torch.bfloat16 on a GPU); the GAT, the losses and the evaluation stay float32."""

@@ -638,12 +638,10 @@ def distill_weight(cfg: Config) -> float:
 
 def balance_term(model: HUMEA, out, cfg: Config) -> torch.Tensor:
     """The router balance term before its weight (--router_balance). With --router_balance_reach router
-    its weights are recomputed from detached modality embeddings (same values), so that it trains the
-    router's own parameters only; with all (the default) it also reaches every modality's experts and
-    the entity table through the router's input."""
-    weights = out.weights
-    if cfg.router_balance_reach == "router":
-        weights = model.fusion([out.unimodal[m].detach() for m in model.modalities], out.present)[1]
+    its weights are HUMEA.detached_router_weights, so that it trains the router's own parameters only;
+    with all (the default) it also reaches every modality's experts and the entity table through the
+    router's input."""
+    weights = model.detached_router_weights(out) if cfg.router_balance_reach == "router" else out.weights
     return router_imbalance(weights, out.present)
 
 
