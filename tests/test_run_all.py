@@ -10,6 +10,7 @@ import re
 import shutil
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -484,8 +485,12 @@ def test_warns_when_another_training_runs_and_threads_are_not_set(fake):
     """One run at a time takes torch's default threads: beside another train.py that over-subscribes the
     cores, so run_all.sh says so (not when OMP_NUM_THREADS is set)."""
     fake.env.pop("OMP_NUM_THREADS", None)
-    other = subprocess.Popen(["bash", "-c", "sleep 60", "train.py"])  # a process whose command line names train.py
+    # A stand-in whose command line names train.py (python keeps its argv; `bash -c "sleep 60" train.py` would
+    # exec sleep and lose it). pgrep must see it, or the test would pass only beside a real training.
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "train.py"])
     try:
+        seen = subprocess.run(["pgrep", "-f", "train[.]py"], capture_output=True, text=True).stdout.split()
+        assert str(other.pid) in seen
         warned = fake.run("run_all.sh", "--only", "t1_db_20", "--out_dir", fake.out).stderr
         quiet = fake.run("run_all.sh", "--only", "t1_db_50", "--out_dir", fake.out,
                          extra_env={"OMP_NUM_THREADS": "1"}).stderr
