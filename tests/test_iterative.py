@@ -224,6 +224,52 @@ def test_the_pseudo_label_script_counts_what_a_step_would_add(tiny_synthetic, tm
 
 
 
+def test_the_pseudo_label_script_chooses_the_margin_from_held_out_links():
+    """--holdout: the smallest margin at which the candidates that contain a held-out entity (left or
+    right) are gold at the target rate, over at least HOLDOUT_MIN_PAIRS of them; what it keeps of all
+    candidates; the grid's largest margin when no margin reaches the target."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "docs" / "analysis"))
+    import pseudo_labels
+
+    assert pseudo_labels.HOLDOUT_MIN_PAIRS == 20
+    i = np.arange(60)
+    pairs = np.stack([i, 1000 + i], axis=1)
+    gaps = i / 100  # margins 0.00 ... 0.59
+    gold = (i >= 10) & (i < 50)  # 10 wrong below 0.1 and 10 wrong from 0.5 on
+    gold[i >= 50] = False
+    held = np.stack([i[:40], 1000 + i[:40]], axis=1)  # left entities 0-39 (each pair touched once)
+    # Over pairs 0-39: at margin m the touched pairs are ceil(100 m)..39, gold from 10 on: 30 / (40 - 100 m).
+    # 0.85 is first reached at 0.05 (30 / 35 = 0.857, 35 pairs).
+    got = pseudo_labels.holdout_choice(pairs, gaps, gold, held, target=0.85)
+    assert got["margin"] == 0.05 and got["estimate"] == pytest.approx(30 / 35)
+    # All 55 candidates from 0.05 are kept, 40 of them gold: the estimate misses the wrong tail at 0.5+.
+    assert got["pairs"] == 55 and got["correct"] == 40 and got["precision"] == pytest.approx(40 / 55)
+    # Touched from the right side only: the same pairs, the same choice.
+    right_only = np.stack([np.full(40, -1), 1000 + i[:40]], axis=1)
+    assert pseudo_labels.holdout_choice(pairs, gaps, gold, right_only, target=0.85)["margin"] == 0.05
+    # Precision 1.0: first at 0.1 (pairs 10-39, all gold).
+    assert pseudo_labels.holdout_choice(pairs, gaps, gold, held, target=1.0)["margin"] == 0.1
+    # Ten held-out links touch fewer than HOLDOUT_MIN_PAIRS candidates at every margin, so none
+    # qualifies: the grid's largest, with no estimate.
+    few = pseudo_labels.holdout_choice(pairs, gaps, gold, held[:10], target=0.5)
+    assert few["margin"] == pseudo_labels.HOLDOUT_GRID[-1] and np.isnan(few["estimate"])
+    # 20 gold pairs sampled on both sides and 20 wrong ones on one side: each wrong pair counts half,
+    # so the estimate is 20 / 30, not 20 / 40.
+    k = np.arange(20)
+    mixed = np.concatenate([np.stack([k, 1000 + k], 1), np.stack([100 + k, 2000 + k], 1)])
+    mixed_gold = np.repeat([True, False], 20)
+    sampled = np.stack([np.concatenate([k, 100 + k]), np.concatenate([1000 + k, 3000 + k])], 1)
+    half = pseudo_labels.holdout_choice(mixed, np.zeros(40), mixed_gold, sampled, target=0.6)
+    assert half["margin"] == 0.0 and half["estimate"] == pytest.approx(2 / 3) and half["precision"] == 0.5
+    draws = pseudo_labels.holdout_draws(pairs, gaps, gold, held, 40, 3, 0.85)
+    assert [d["margin"] for d in draws] == [0.05] * 3  # every draw of all 40 is the same set
+    with pytest.raises(pseudo_labels.DataError, match="--holdout 41"):
+        pseudo_labels.holdout_draws(pairs, gaps, gold, held, 41, 1, 0.85)
+
+
 def test_a_run_started_with_il_from_and_killed_resumes_to_the_same_metrics(tiny_synthetic, tmp_path):
     """An --il_from run stopped after its epoch-8 checkpoint and resumed with --resume alone (as run_all.sh
     resumes it) ends with the metrics of the uninterrupted one, and its provenance says where it branched
