@@ -800,7 +800,36 @@ def pseudo_label_step(model: HUMEA, inputs: ModelInputs, data: MMKG, train_pairs
     """Iterative training: the candidates (pseudo_label_candidates) with a CSLS margin of at least
     --il_margin. Uses no label; the gold links are read only to report precision."""
     pairs, margins = pseudo_label_candidates(model, inputs, data, train_pairs, cfg)
-    return pairs[margins >= cfg.il_margin] if cfg.il_margin else pairs
+    return with_margin(pairs, margins, cfg.il_margin)
+
+
+def with_margin(pairs: np.ndarray, margins: np.ndarray, margin: float) -> np.ndarray:
+    """The candidate pairs whose CSLS margin is at least ``margin`` (all of them for 0)."""
+    return pairs[margins >= margin] if margin else pairs
+
+
+# --il_precision: the margins it chooses among, and the fewest candidates an estimate may rest on.
+MARGIN_GRID = tuple(round(0.01 * i, 2) for i in range(31))
+MARGIN_MIN_PAIRS = 20
+
+
+def margin_for_precision(pairs: np.ndarray, margins: np.ndarray, gold: np.ndarray, held: np.ndarray,
+                         target: float, grid=MARGIN_GRID) -> tuple[float, float]:
+    """The smallest margin of ``grid`` at which the candidates ``pairs`` (P, 2) that contain an entity of
+    the held-out links ``held`` (H, 2) are links (``gold``, P bool) at a rate of at least ``target``,
+    over at least MARGIN_MIN_PAIRS of them; and that estimate. The grid's largest margin and NaN if none
+    reaches it.
+
+    A candidate counts half for each of its sides that is held out. A right pair's two sides are one
+    held-out link, so it counts 1 or 0; a wrong pair joins two links, each held out on its own, so it
+    would count twice as often as a right one if either side counted it fully, and the estimate would
+    read low. With halves both kinds count at the rate at which links are held out."""
+    weight = 0.5 * np.isin(pairs[:, 0], held[:, 0]) + 0.5 * np.isin(pairs[:, 1], held[:, 1])
+    for m in grid:
+        w = weight * (margins >= m)
+        if (w > 0).sum() >= MARGIN_MIN_PAIRS and (w * gold).sum() / w.sum() >= target:
+            return float(m), float((w * gold).sum() / w.sum())
+    return float(grid[-1]), float("nan")
 
 
 def rows_in(pairs: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -1266,22 +1295,40 @@ def epoch_pairs(s: Session, epoch: int) -> tuple[np.ndarray, bool]:
     return s.state["curriculum"], False
 
 
+def step_margin(s: Session, pairs: np.ndarray, margins: np.ndarray, epoch: int) -> float:
+    """The CSLS margin a pseudo-label step keeps candidates at: --il_margin; with --il_precision, the one
+    the first step chose on the validation links (margin_for_precision; the test links are not read),
+    which its record keeps for the later steps."""
+    if not s.cfg.il_precision:
+        return s.cfg.il_margin
+    if s.state["pseudo_steps"]:
+        return s.state["pseudo_steps"][0]["margin"]
+    valid = s.split.valid
+    margin, estimate = margin_for_precision(pairs, margins, rows_in(pairs, valid), valid, s.cfg.il_precision)
+    s.log.info(kv(epoch=epoch, il_margin_chosen=margin, valid_precision_estimate=estimate, valid_links=len(valid),
+                  il_precision=s.cfg.il_precision))
+    return margin
+
+
 def add_pseudo_labels(s: Session, epoch: int) -> None:
     """Iterative training's step (--il_select): new mutual nearest neighbours join the pseudo pairs, or
     the pseudo pairs are chosen anew among every entity outside the seed pairs. The gold links are read
     only for the log's and results.json's precision."""
     old = s.state["pseudo_pairs"]
+    outside = s.train_pairs if s.cfg.il_select == "reselect" else np.concatenate([s.train_pairs, old])
+    pairs, margins = pseudo_label_candidates(s.model, s.inputs, s.data, outside, s.cfg)
+    margin = step_margin(s, pairs, margins, epoch)
     if s.cfg.il_select == "reselect":
-        pseudo = pseudo_label_step(s.model, s.inputs, s.data, s.train_pairs, s.cfg)
+        pseudo = with_margin(pairs, margins, margin)
         new = pseudo[~rows_in(pseudo, old)]
     else:
-        new = pseudo_label_step(s.model, s.inputs, s.data, np.concatenate([s.train_pairs, old]), s.cfg)
+        new = with_margin(pairs, margins, margin)
         pseudo = np.concatenate([old, new])
     s.state["pseudo_pairs"] = pseudo
     s.state["pair_version"] += 1
     step = {"epoch": epoch, "new": len(new), "correct": pair_overlap(new, s.data.links),
             "dropped": len(old) - (len(pseudo) - len(new)), "total": len(pseudo),
-            "total_correct": pair_overlap(pseudo, s.data.links)}
+            "total_correct": pair_overlap(pseudo, s.data.links), "margin": margin}
     s.state["pseudo_steps"].append(step)  # for reports
     s.log.info(kv(epoch=epoch, pseudo_new=step["new"], pseudo_new_precision=step["correct"] / max(step["new"], 1),
                   pseudo_dropped=step["dropped"], pseudo_total=step["total"],
@@ -1412,8 +1459,8 @@ def branch_checkpoint(cfg: Config) -> dict:
 
 # What --il_from lets differ between the finished run and the iterative one: the iterative flags, and
 # where and how the runs are written (nothing that changes the first --epochs epochs).
-IL_FROM_FREE = ("il", "il_start", "il_epochs", "il_step", "il_select", "il_margin", "il_from", "branch_from",
-                "run_name", "out_dir", *RESUME_FREE)
+IL_FROM_FREE = ("il", "il_start", "il_epochs", "il_step", "il_select", "il_margin", "il_precision", "il_from",
+                "branch_from", "run_name", "out_dir", *RESUME_FREE)
 
 
 def il_from_checkpoint(cfg: Config) -> tuple[Config, dict]:

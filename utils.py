@@ -199,6 +199,11 @@ class Config:
                                    "above the runner-up's in both directions (CSLS units, 2 cos - r_l - r_r; 0 = "
                                    "every mutual pair; with 0.05, 9 pairs in 10 were right against 3 in 4 on "
                                    "FB15K-DB15K at rate 0.2, docs/accuracy.md)")
+    il_precision: float = _flag(0.0, "choose the margin instead of --il_margin, at the first pseudo-label step: "
+                                     "the smallest of 0, 0.01, ..., 0.3 at which the candidates that contain a "
+                                     "validation entity are validation links at this rate (needs --val_ratio; "
+                                     "the step's record keeps the margin, later steps reuse it; 0 = off; "
+                                     "docs/accuracy.md, 'A validation split could choose it')")
     device: str = _flag("cuda" if torch.cuda.is_available() else "cpu",
                         "torch device, e.g. cpu, cuda, cuda:1; the default is cuda on a machine with CUDA, else "
                         "cpu (on this machine: %(default)s)")
@@ -355,6 +360,11 @@ class Config:
                             "only --router_holdout has")
         if self.early_stop and not self.val_ratio:
             raise DataError(f"--early_stop {self.early_stop} needs a validation split to watch: give --val_ratio > 0")
+        if not 0.0 <= self.il_precision <= 1.0:
+            raise DataError(f"--il_precision must be in [0, 1] (0 = off), got {self.il_precision}")
+        if self.il_precision and not (self.il and self.val_ratio):
+            raise DataError(f"--il_precision {self.il_precision} chooses iterative training's margin on the "
+                            "validation links: it needs --il and --val_ratio > 0")
         if self.early_stop and self.il:
             raise DataError("--early_stop and --il exclude each other: iterative training starts after --epochs")
         for name in ("lr", "q_lr", "tau_cl", "tau_al"):

@@ -224,17 +224,18 @@ def test_the_pseudo_label_script_counts_what_a_step_would_add(tiny_synthetic, tm
 
 
 
-def test_the_pseudo_label_script_chooses_the_margin_from_held_out_links():
-    """--holdout: the smallest margin at which the candidates that contain a held-out entity (left or
-    right) are gold at the target rate, over at least HOLDOUT_MIN_PAIRS of them; what it keeps of all
-    candidates; the grid's largest margin when no margin reaches the target."""
+def test_the_margin_is_chosen_from_held_out_links():
+    """train.margin_for_precision (--il_precision; pseudo_labels.py --holdout): the smallest margin at
+    which the candidates that contain a held-out entity (left or right) are links at the target rate,
+    over at least MARGIN_MIN_PAIRS of them; what it keeps of all candidates; the grid's largest margin
+    when no margin reaches the target."""
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "docs" / "analysis"))
     import pseudo_labels
 
-    assert pseudo_labels.HOLDOUT_MIN_PAIRS == 20
+    assert train.MARGIN_MIN_PAIRS == 20
     i = np.arange(60)
     pairs = np.stack([i, 1000 + i], axis=1)
     gaps = i / 100  # margins 0.00 ... 0.59
@@ -252,10 +253,10 @@ def test_the_pseudo_label_script_chooses_the_margin_from_held_out_links():
     assert pseudo_labels.holdout_choice(pairs, gaps, gold, right_only, target=0.85)["margin"] == 0.05
     # Precision 1.0: first at 0.1 (pairs 10-39, all gold).
     assert pseudo_labels.holdout_choice(pairs, gaps, gold, held, target=1.0)["margin"] == 0.1
-    # Ten held-out links touch fewer than HOLDOUT_MIN_PAIRS candidates at every margin, so none
+    # Ten held-out links touch fewer than MARGIN_MIN_PAIRS candidates at every margin, so none
     # qualifies: the grid's largest, with no estimate.
     few = pseudo_labels.holdout_choice(pairs, gaps, gold, held[:10], target=0.5)
-    assert few["margin"] == pseudo_labels.HOLDOUT_GRID[-1] and np.isnan(few["estimate"])
+    assert few["margin"] == train.MARGIN_GRID[-1] == 0.3 and np.isnan(few["estimate"])
     # 20 gold pairs sampled on both sides and 20 wrong ones on one side: each wrong pair counts half,
     # so the estimate is 20 / 30, not 20 / 40.
     k = np.arange(20)
@@ -268,6 +269,42 @@ def test_the_pseudo_label_script_chooses_the_margin_from_held_out_links():
     assert [d["margin"] for d in draws] == [0.05] * 3  # every draw of all 40 is the same set
     with pytest.raises(pseudo_labels.DataError, match="--holdout 41"):
         pseudo_labels.holdout_draws(pairs, gaps, gold, held, 41, 1, 0.85)
+
+
+def test_il_precision_chooses_the_margin_on_the_validation_links_at_the_first_step(tiny_synthetic, tmp_path,
+                                                                                     monkeypatch):
+    """--il_precision: the first pseudo-label step keeps the candidates at the margin that
+    margin_for_precision chooses on the validation links from the model at that step (the one the
+    step's epoch checkpoints), records it, and every later step reuses it. It needs --il and a
+    validation split."""
+    monkeypatch.setattr(train, "MARGIN_MIN_PAIRS", 1)  # the tiny pair has a handful of validation links
+    run = functools.partial(_run, tiny_synthetic, tmp_path)
+    split = ["--val_ratio", "0.5", "--epochs", "6", "--save_every", "2"]
+    run("plain", *split)
+    chosen = []
+    for target in (0.01, 0.5, 1.0):
+        name = f"il_{target}"
+        res = run(name, *split, "--il", "--il_epochs", "4", "--il_step", "2", "--il_precision", str(target),
+                  "--il_from", str(tmp_path / "plain"), "--keep_checkpoints", "8")
+        steps = res["pseudo_steps"]
+        assert [st["epoch"] for st in steps] == [8, 10]
+        ckpt_path = tmp_path / name / "checkpoint_e8.pt"  # written after the step, with the model it used
+        ckpt = train.read_checkpoint(ckpt_path)
+        cfg = train.saved_config(ckpt["config"], "test")
+        s = train.set_up(cfg, ckpt_path.parent, ckpt)
+        pairs, margins = train.pseudo_label_candidates(s.model, s.inputs, s.data, s.train_pairs, cfg)
+        valid = s.split.valid
+        assert len(valid) and len(pairs)
+        margin, _ = train.margin_for_precision(pairs, margins, train.rows_in(pairs, valid), valid, target)
+        assert [st["margin"] for st in steps] == [margin, margin]
+        assert steps[0]["new"] == int((margins >= margin).sum())
+        chosen.append(margin)
+    assert chosen[0] < chosen[-1]  # a higher target asks for a larger margin on this data
+    for bad, why in ((["--il_precision", "0.9"], "needs --il and --val_ratio"),
+                     (["--il_precision", "0.9", "--il", "--val_ratio", "0"], "needs --il and --val_ratio"),
+                     (["--il_precision", "1.5", "--il", "--val_ratio", "0.5"], "must be in \\[0, 1\\]")):
+        with pytest.raises(train.DataError, match=why):
+            run("bad", "--epochs", "2", *bad)
 
 
 def test_a_run_started_with_il_from_and_killed_resumes_to_the_same_metrics(tiny_synthetic, tmp_path):

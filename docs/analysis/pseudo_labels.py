@@ -13,10 +13,10 @@ it (run from the repository root). It writes nothing.
 --holdout N asks whether a validation split of N links could choose the margin for a dataset. It
 draws N of the test links (--draws times, seeded), which the model has not trained on, exactly like
 validation links; estimates the precision at each margin of a fine grid from the candidate pairs
-that contain one of their entities (half a count per sampled side: see holdout_choice); takes the
-smallest margin whose estimate reaches --target; and reports, per draw, that margin with the count
-and true precision of all the candidates it keeps. The estimate sees linked entities only, so a
-dataset with many unlinked entities reads optimistic.
+that contain one of their entities (half a count per sampled side: train.margin_for_precision,
+the rule of --il_precision); takes the smallest margin whose estimate reaches --target; and reports,
+per draw, that margin with the count and true precision of all the candidates it keeps. The
+estimate sees linked entities only, so a dataset with many unlinked entities reads optimistic.
 """
 from __future__ import annotations
 
@@ -30,10 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import train  # noqa: E402  (the repository root is on the path only now)
 from utils import DataError  # noqa: E402
-
-# The margins --holdout chooses among, and the fewest sampled pairs an estimate may rest on.
-HOLDOUT_GRID = np.round(np.arange(0.0, 0.301, 0.01), 2)
-HOLDOUT_MIN_PAIRS = 20
 
 
 def candidates(ckpt_path: Path):
@@ -64,26 +60,11 @@ def margin_table(ckpt_path: Path, margins: list[float]) -> list[dict]:
     return margin_rows(gaps, gold, margins)
 
 
-def holdout_choice(pairs: np.ndarray, gaps: np.ndarray, gold: np.ndarray, sample: np.ndarray, target: float,
-                   grid=HOLDOUT_GRID) -> dict:
-    """The margin a held-out set of links ``sample`` (S, 2) would choose: the smallest of ``grid`` at which
-    the candidates containing a sampled entity are gold links at a rate of at least ``target``, over at
-    least HOLDOUT_MIN_PAIRS of them (the largest margin of the grid if none does), with that estimate
-    and what the margin keeps of all candidates.
-
-    A candidate counts half for each of its sides that is sampled. A gold pair's two sides are one
-    sampled link, so it counts 1 or 0; a wrong pair joins two links, each sampled on its own, so it
-    would count twice as often as a gold one if either side counted it fully (the estimate would read
-    low). Halves make both kinds count at the sampling rate."""
-    weight = 0.5 * np.isin(pairs[:, 0], sample[:, 0]) + 0.5 * np.isin(pairs[:, 1], sample[:, 1])
-    chosen, estimate = float(grid[-1]), float("nan")
-    for m in grid:
-        w = weight * (gaps >= m)
-        if (w > 0).sum() >= HOLDOUT_MIN_PAIRS and (w * gold).sum() / w.sum() >= target:
-            chosen, estimate = float(m), float((w * gold).sum() / w.sum())
-            break
-    row = margin_rows(gaps, gold, [chosen])[0]
-    return {**row, "estimate": estimate}
+def holdout_choice(pairs: np.ndarray, gaps: np.ndarray, gold: np.ndarray, sample: np.ndarray, target: float) -> dict:
+    """The margin the held-out links ``sample`` (S, 2) would choose (train.margin_for_precision, the rule of
+    --il_precision), its estimate, and what it keeps of all candidates."""
+    margin, estimate = train.margin_for_precision(pairs, gaps, gold, sample, target)
+    return {**margin_rows(gaps, gold, [margin])[0], "estimate": estimate}
 
 
 def holdout_draws(pairs, gaps, gold, links: np.ndarray, n: int, draws: int, target: float, seed: int = 0):
