@@ -1313,7 +1313,8 @@ def step_margin(s: Session, pairs: np.ndarray, margins: np.ndarray, epoch: int) 
 def add_pseudo_labels(s: Session, epoch: int) -> None:
     """Iterative training's step (--il_select): new mutual nearest neighbours join the pseudo pairs, or
     the pseudo pairs are chosen anew among every entity outside the seed pairs, at the margin of
-    step_margin. The test links are read only for the log's and results.json's precision."""
+    step_margin (which reads the validation links with --il_precision). The other gold links are read
+    only for the log's and results.json's precision."""
     old = s.state["pseudo_pairs"]
     outside = s.train_pairs if s.cfg.il_select == "reselect" else np.concatenate([s.train_pairs, old])
     pairs, margins = pseudo_label_candidates(s.model, s.inputs, s.data, outside, s.cfg)
