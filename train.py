@@ -827,8 +827,11 @@ def margin_for_precision(pairs: np.ndarray, margins: np.ndarray, gold: np.ndarra
     weight = 0.5 * np.isin(pairs[:, 0], held[:, 0]) + 0.5 * np.isin(pairs[:, 1], held[:, 1])
     for m in grid:
         w = weight * (margins >= m)
-        if (w > 0).sum() >= MARGIN_MIN_PAIRS and (w * gold).sum() / w.sum() >= target:
-            return float(m), float((w * gold).sum() / w.sum())
+        if (w > 0).sum() < MARGIN_MIN_PAIRS:
+            continue
+        estimate = float((w * gold).sum() / w.sum())
+        if estimate >= target:
+            return float(m), estimate
     return float(grid[-1]), float("nan")
 
 
