@@ -361,6 +361,15 @@ def weighted_concat(parts: list[torch.Tensor], weights: torch.Tensor) -> torch.T
     return torch.cat([weights[:, i:i + 1] * p for i, p in enumerate(parts)], dim=-1)
 
 
+def calibrated_weights(weights: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """--calibrate_weights: modality weights (B, M) times one factor per modality (M,), renormalised per
+    entity (a modality an entity lacks has weight 0 and keeps it). An entity whose modalities all get
+    factor 0 keeps its own weights, so no fused embedding becomes zero."""
+    scaled = weights * factors
+    total = scaled.sum(-1, keepdim=True)
+    return torch.where(total > 0, scaled / torch.where(total > 0, total, 1.0), weights)
+
+
 class InterModalRouter(nn.Module):
     """Per-entity modality weights from the concatenated intra-modal outputs.
 

@@ -64,6 +64,8 @@ t1_db_20_s44         | seeds  | FB15K-DB15K 20%   | 0.5118    | 44 FB15K_DB15K 0
 t1_db_20_val         | valid  | FB15K-DB15K 20%   | 0.5118    | 42 FB15K_DB15K 0.2 512 0 --val_ratio 0.1
 t1_db_20_val_es      | valid  | FB15K-DB15K 20%   | 0.5118    | 42 FB15K_DB15K 0.2 512 0 --val_ratio 0.1 --early_stop 5
 t1_yg_20_val_es      | valid  | FB15K-YAGO15K 20% | 0.4393    | 42 FB15K_YAGO15K 0.2 128 0 --val_ratio 0.1 --early_stop 5
+t1_db_20_val_cal     | valid  | FB15K-DB15K 20%   | 0.5118    | 42 FB15K_DB15K 0.2 512 0 --val_ratio 0.1 --calibrate_weights
+t1_yg_20_val_cal     | valid  | FB15K-YAGO15K 20% | 0.4393    | 42 FB15K_YAGO15K 0.2 128 0 --val_ratio 0.1 --calibrate_weights
 t2_db_20_wo_g        | table2 | w/o g             | 0.4131    | 42 FB15K_DB15K 0.2 512 2
 t2_db_20_wo_v        | table2 | w/o v             | 0.4803    | 42 FB15K_DB15K 0.2 512 1
 t2_db_20_wo_r_b      | table2 | w/o r_b           | 0.4736    | 42 FB15K_DB15K 0.2 512 3

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from data_process.dataset import MMKG, Split, load_dataset, read_pair_file, split_links, write_pair_file
 from data_process.safe_load import ForbiddenGlobal, load_torch
-from layers import PassThrough
+from layers import PassThrough, calibrated_weights, weighted_concat
 from loss import CLUBDisentanglement, batch_alignment_losses, random_expert_pairs, total_loss
 from model import HUMEA, ModelConfig, ModelInputs
 from utils import (
@@ -691,6 +691,52 @@ def evaluate(model: HUMEA, inputs: ModelInputs, pairs: np.ndarray, cfg: Config, 
     return res, modality_health(model.modalities, emb, np.searchsorted(ids, health_ids))
 
 
+# --calibrate_weights: the factors tried for each modality's weight, and the most passes over the modalities.
+CALIBRATION_GRID, CALIBRATION_SWEEPS = (0.0, 0.5, 1.0, 2.0, 4.0), 2
+
+
+def fit_factors(score, num_modalities: int) -> tuple[np.ndarray, float]:
+    """The factors (one per modality) that maximise ``score(factors)``, by coordinate ascent over
+    CALIBRATION_GRID from all ones: a modality's factor changes only when the change raises the score, so the
+    result never scores below the learned weights (all ones). Returns the factors and their score."""
+    factors = np.ones(num_modalities)
+    best = score(factors)
+    for _ in range(CALIBRATION_SWEEPS):
+        before = best
+        for i in range(num_modalities):
+            for value in CALIBRATION_GRID:
+                trial = factors.copy()
+                trial[i] = value
+                if value != factors[i] and trial.any() and (got := score(trial)) > best:
+                    best, factors = got, trial
+        if best == before:
+            break
+    return factors, best
+
+
+def calibrated_evaluation(model: HUMEA, inputs: ModelInputs, valid: np.ndarray, test: np.ndarray,
+                          cfg: Config) -> dict:
+    """--calibrate_weights: one factor per modality on every entity's router weights (layers.calibrated_weights),
+    fitted to the validation links' MRR ranked as --valid_pool ranks them, then the test pairs ranked under the
+    calibrated weights. The factors are fitted afresh at each evaluation and change nothing in the training."""
+    ids = np.unique(np.concatenate([valid, test]))
+    emb = model.embed(ids, inputs)
+    parts = [emb.unimodal[m] for m in model.modalities]
+    extra = (test[:, 0], test[:, 1]) if cfg.valid_pool == "heldout" else None
+
+    def fused(factors: np.ndarray) -> torch.Tensor:
+        scale = torch.as_tensor(factors, dtype=emb.weights.dtype)
+        return weighted_concat(parts, calibrated_weights(emb.weights, scale))
+
+    def valid_mrr(factors: np.ndarray) -> float:
+        return alignment_metrics(fused(factors), valid, cfg, ids=ids, extra_candidates=extra)["avg"]["mrr"]
+
+    learned = valid_mrr(np.ones(len(parts)))
+    factors, fitted = fit_factors(valid_mrr, len(parts))
+    return {"factors": dict(zip(model.modalities, factors.tolist())), "valid_mrr": fitted,
+            "valid_mrr_learned": learned, "test": alignment_metrics(fused(factors), test, cfg, ids=ids)}
+
+
 # The modality-health monitor: the entities it samples, and its warning thresholds.
 HEALTH_SAMPLE, COLLAPSED_COSINE, NEGLIGIBLE_WEIGHT = 500, 0.9, 0.01
 
@@ -1068,7 +1114,11 @@ def summarise(history, cfg: Config, extra: dict) -> dict:
     best_valid = best_of(history, valid_key)
     best_test = best_of(history, "test")
     pick = lambda h, keys: {k: h[k] for k in keys if k in h} if h else None
-    keys = ("epoch", "test", *VALID_KEYS.values())
+    keys = ("epoch", "test", *VALID_KEYS.values(), "calibrated")
+    calibrated = [h for h in history if h.get("calibrated")]
+    if calibrated:  # --calibrate_weights: the epoch whose fitted validation MRR is highest
+        best = max(calibrated, key=lambda h: (h["calibrated"]["valid_mrr"], -h["epoch"]))
+        extra = {**extra, "best_calibrated_valid_epoch": {"epoch": best["epoch"], **best["calibrated"]}}
     return {
         "last_epoch": pick(last, keys),
         "best_valid_epoch": {**pick(best_valid, keys), "selected_by": valid_key} if best_valid else None,
@@ -1108,6 +1158,10 @@ def format_results(results: dict) -> str:
     if results["best_valid_epoch"]:
         rows[f"best valid epoch ({results['best_valid_epoch']['epoch']})"] = results["best_valid_epoch"]["test"]
     rows[f"best TEST epoch ({results['best_test_epoch']['epoch']})*"] = results["best_test_epoch"]["test"]
+    if results["last_epoch"].get("calibrated"):
+        rows[f"last epoch, calibrated ({results['last_epoch']['epoch']})"] = results["last_epoch"]["calibrated"]["test"]
+        best = results["best_calibrated_valid_epoch"]
+        rows[f"best calib. valid ({best['epoch']})"] = best["test"]
     return (format_table(rows) + "\n* chosen on the test set, the paper's rule: optimistic, for comparison only"
             + f"\n(test pairs: {results['pairs']['test']}, both directions averaged, "
             + ("CSLS" if results["config"]["csls"] else "cosine") + ")")
@@ -1260,6 +1314,8 @@ def checkpoint_record(s: Session, epoch: int, terms: dict, sample: np.ndarray, p
     if len(s.split.valid):
         record["valid"] = evaluate(s.model, s.inputs, s.split.valid, s.cfg)
         record["valid_heldout"] = evaluate(s.model, s.inputs, s.split.valid, s.cfg, distractors=s.split.test)
+    if s.cfg.calibrate_weights:
+        record["calibrated"] = calibrated_evaluation(s.model, s.inputs, s.split.valid, s.split.test, s.cfg)
     s.add_elapsed()
     record["seconds"] = round(s.state["seconds"], 2)
     spike = loss_spike_warning(s.state["history"][-1] if s.state["history"] else None, record)
@@ -1273,6 +1329,10 @@ def checkpoint_record(s: Session, epoch: int, terms: dict, sample: np.ndarray, p
     valid = {f"{k}_mrr": record[k]["avg"]["mrr"] for k in VALID_KEYS.values() if k in record}
     loss = {k: terms[k] for k in ("loss", "grad_norm_max") if k in terms}
     s.log.info(kv(epoch=epoch, **loss, test_hits1=t["hits@1"], test_hits10=t["hits@10"], test_mrr=t["mrr"], **valid))
+    if "calibrated" in record:
+        c = record["calibrated"]
+        s.log.info(kv(calibrated_test_hits1=c["test"]["avg"]["hits@1"], calibrated_test_mrr=c["test"]["avg"]["mrr"],
+                      factors=",".join(f"{m}={f:g}" for m, f in c["factors"].items())))
     h = record["health"]
     s.log.info("health " + " ".join(f"{m}:cos={h['cosine'][m]:.3f},w={h['weight'][m]:.3f}" for m in h["cosine"]))
     test, seeds = h["hits1"]["test"], h["hits1"]["train"]

@@ -133,6 +133,12 @@ class Config:
                                      "the test protocol ranks the test pairs), 'heldout' = those plus every test "
                                      "entity as a distractor (no test link is read); both are recorded",
                             choices=("valid", "heldout"))
+    calibrate_weights: bool = _flag(False, "at every evaluation, also fit one factor per modality on every "
+                                           "entity's router weights to the validation links (their MRR, ranked "
+                                           "as --valid_pool ranks them) and rank the test pairs under the "
+                                           "calibrated weights; the training is unchanged (needs --val_ratio; "
+                                           "docs/accuracy.md, 'Calibrating the weights on validation links')",
+                                    boolean=True)
     seed: int = _flag(42, "random seed for the split, initialisation and training")
     epochs: int = _flag(1000, "training epochs (one optimiser step per epoch, as the official code)")
     check_point: int = _flag(10, "evaluate every this many epochs")
@@ -360,6 +366,9 @@ class Config:
                             "only --router_holdout has")
         if self.early_stop and not self.val_ratio:
             raise DataError(f"--early_stop {self.early_stop} needs a validation split to watch: give --val_ratio > 0")
+        if self.calibrate_weights and not self.val_ratio:
+            raise DataError("--calibrate_weights fits the modality weights to the validation links: give "
+                            "--val_ratio > 0")
         if not 0.0 <= self.il_precision <= 1.0:
             raise DataError(f"--il_precision must be in [0, 1] (0 = off), got {self.il_precision}")
         if self.il_precision and not (self.il and self.val_ratio):

@@ -66,7 +66,7 @@ def test_missing_runs_show_as_missing_never_as_zeros(tmp_path):
     t1 = _section(text, "Table 1")
     ours = [l for l in t1.splitlines() if "ours," in l]
     assert ours and all(l.count("missing") == 10 for l in ours)  # 4 metrics + epoch, two datasets
-    assert "0.0000" not in text and "0 of 48 runs" in text
+    assert "0.0000" not in text and "0 of 50 runs" in text
     assert "0.5118" in t1  # the paper's number stays beside it
     assert "SMOKE" not in text
     assert "*Figure 4 not drawn: run `t1_db_20` is missing*" in text
@@ -89,7 +89,7 @@ def test_numbers_come_from_the_run_folders(tmp_path):
     assert "| Ours | paper | 0.5118 |" in t2 and "| 0.4321 |" in t2 and "| 0.3333 |" in t2
     assert "selection rule behind the paper's Table 1" in text
     assert "bash run.sh 42 FB15K_DB15K 0.2 512 0 --run_name t1_db_20" in text  # the recorded command
-    assert "SMOKE" not in text and "2 of 48 runs" in text
+    assert "SMOKE" not in text and "2 of 50 runs" in text
     runs_rows = _section(text, "Runs")
     assert "| `t1_db_20` | table1 | FB15K-DB15K 20% | 0.5118 | finished | FB15K_DB15K | 0.2 | 1000 | 12 | paper |" \
         in runs_rows
@@ -121,6 +121,24 @@ def test_validation_section_puts_the_three_selections_side_by_side(tmp_path):
     # last 0.50 (epoch 1000), best valid 0.495 (980), best test 0.51 (990); MRR = H@1 + 0.05
     assert ("| `t1_db_20_val` | FB15K-DB15K 20% | finished | 10 / 0 / 40 | 0.5000 | 0.5500 | 1000 | 0.4950 | 0.5450 "
             "| 980 | 0.5100 | 0.5600 | 990 | -0.0150 / -0.0150 |") in sec
+
+
+def test_calibrated_runs_get_their_own_table_of_the_calibrated_numbers(tmp_path):
+    folder = make_run(tmp_path / "runs", "t1_yg_20_val_cal", 0.40, valid=True, val_ratio=0.1,
+                      calibrate_weights=True)
+    res = json.loads((folder / "results.json").read_text())
+    factors = {"graph": 1.0, "rel_bow": 0.0, "attr_text": 2.0}
+    res["last_epoch"]["calibrated"] = {"factors": factors, "valid_mrr": 0.7, "valid_mrr_learned": 0.6,
+                                       "test": _metrics(0.45)}
+    res["best_calibrated_valid_epoch"] = {"epoch": 400, "factors": factors, "valid_mrr": 0.75,
+                                          "valid_mrr_learned": 0.6, "test": _metrics(0.47)}
+    (folder / "results.json").write_text(json.dumps(res))
+    make_run(tmp_path / "runs", "t1_db_20_val", 0.50, valid=True, val_ratio=0.1)
+    sec = _section(build_report(tmp_path / "runs", tmp_path / "r.md"), "Selection on a validation split")
+    assert ("| `t1_yg_20_val_cal` | FB15K-YAGO15K 20% | finished | 0.4000 / 0.4500 | 0.4500 / 0.5000 | graph 1 / "
+            "rel_bow 0 / attr_text 2 | 0.4700 / 0.5200 (400) |") in sec
+    assert "| `t1_db_20_val` |" in sec.split("Calibrated weights")[0]  # not calibrated: not in that table
+    assert "| `t1_db_20_val` |" not in sec.split("Calibrated weights")[1]
 
 
 def test_seed_spread_of_one_value_has_no_deviation():
@@ -373,7 +391,7 @@ def test_without_images_shows_the_full_model_when_the_data_has_none(tmp_path):
     assert "| `t2_db_20_wo_v` |" in row
     assert table2.count("0.5000") == 2  # last epoch of Ours and of w/o v
     assert "= `t1_db_20` (the data has no images)" in _section(text, "Runs")
-    assert "2 of 48 runs" in text
+    assert "2 of 50 runs" in text
     assert _section(text, "Stability").count("`t1_db_20`") == 1
 
 
@@ -381,7 +399,7 @@ def test_without_images_is_missing_while_the_full_model_has_images_or_is_unfinis
     runs = tmp_path / "runs"
     make_run(runs, BASE_RUN, 0.5)  # results.json without "modalities": images are not ruled out
     text = build_report(runs, tmp_path / "results.md")
-    assert "(the data has no images)" not in text and "1 of 48 runs" in text
+    assert "(the data has no images)" not in text and "1 of 50 runs" in text
 
 
 def test_a_400_epoch_sweep_is_labelled_and_compared_with_the_base_runs_first_400_epochs(tmp_path):

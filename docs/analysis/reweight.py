@@ -5,6 +5,7 @@ experts hold FB15K-YAGO15K back (docs/accuracy.md, "FB15K-YAGO15K").
     python docs/analysis/reweight.py runs/t1_yg_20
     python docs/analysis/reweight.py runs/t1_yg_20 --mix graph=0.5,attr_text=0.5 --mix graph=0.4,attr_text=0.6
     python docs/analysis/reweight.py runs/probe/yg20_router_holdout/checkpoint.pt --mix graph=0.5,attr_text=0.5
+    python docs/analysis/reweight.py runs/t1_yg_20 --fit 224 --draws 10   # could a validation split fix the weights?
 
 The run folder must hold entity_embeddings.npy (the fused h^f = [w_1 u_1; ...; w_M u_M] of every
 entity, Eq. 12), modality_weights.npy (w, N x M), predictions.tsv (its left entities and their gold
@@ -21,6 +22,13 @@ that epoch's evaluation. For a --router_holdout run, two more columns: its held-
 ranked among themselves, and among themselves with the test entities as distractors (what the router
 was fitted on, against what it is judged on). With --loss_tau T1,T2 also the loss the router is fitted by
 on those pairs, L_f^CL of Eq. 13 (one batch of them, evaluation-mode embeddings), at each temperature.
+
+--fit N asks whether a validation split of N links could correct the weights. N test links stand in for
+validation links (the model trained on neither): one factor per modality multiplies the learned weights
+of every entity, chosen by coordinate ascent over FIT_GRID to maximise those links' MRR, ranked with the
+other test entities as distractors (as train.py ranks its validation pairs in "valid_heldout"); the
+other test links, ranked among themselves, then judge the factors against the learned weights. It
+draws --draws such sets (seeded) and prints each draw's factors and both numbers.
 
 Rows: learned; uniform over the modalities an entity has; each modality alone; the learned weights
 with one modality's weight doubled or dropped; each --mix (one global weight per modality named, 0 for
@@ -90,16 +98,21 @@ def renormalised(run: dict, weights: np.ndarray) -> np.ndarray:
     return np.where(total > 0, w / np.where(total > 0, total, 1.0), 0.0)
 
 
-def score(run: dict, weights: np.ndarray, pairs: np.ndarray | None = None, distractors: bool = False) -> dict:
+def score(run: dict, weights: np.ndarray, pairs: np.ndarray | None = None, distractors: bool = False,
+          distractors_of: np.ndarray | None = None) -> dict:
     """Test metrics (the mean of both directions) of the fused embeddings under ``weights`` (N, M) or (M,),
     renormalised over each entity's modalities; of ``pairs`` instead of the test pairs if given, with the
-    test entities as extra candidates if ``distractors``."""
-    w = renormalised(run, weights)
-    n, m, d = run["unimodal"].shape
-    fused = torch.as_tensor((run["unimodal"] * w[:, :, None]).reshape(n, m * d), dtype=torch.float32)
-    extra = (run["pairs"][:, 0], run["pairs"][:, 1]) if distractors else None
-    return evaluate_alignment(fused, run["pairs"] if pairs is None else pairs, csls_k=run["csls_k"],
-                              use_csls=run["csls"], extra_candidates=extra)["avg"]
+    test entities as extra candidates if ``distractors`` (those of ``distractors_of`` if given)."""
+    pairs = run["pairs"] if pairs is None else pairs
+    if distractors_of is None and distractors:
+        distractors_of = run["pairs"]
+    extra = None if distractors_of is None else (distractors_of[:, 0], distractors_of[:, 1])
+    ids = np.unique(pairs if distractors_of is None else np.concatenate([pairs, distractors_of]))
+    w = renormalised(run, weights)[ids]
+    rows = run["unimodal"][ids]
+    fused = torch.as_tensor((rows * w[:, :, None]).reshape(len(ids), -1), dtype=torch.float32)
+    return evaluate_alignment(fused, pairs, ids=ids, csls_k=run["csls_k"], use_csls=run["csls"],
+                              extra_candidates=extra)["avg"]
 
 
 def held_out_loss(run: dict, weights: np.ndarray, tau: float) -> float:
@@ -111,6 +124,53 @@ def held_out_loss(run: dict, weights: np.ndarray, tau: float) -> float:
     sides = [torch.as_tensor((run["unimodal"][held[:, i]] * w[held[:, i], :, None]).reshape(len(held), -1),
                              dtype=torch.float32) for i in (0, 1)]
     return float(batch_alignment_losses(*sides, {}, {}, tau, 1.0, unimodal_cl=False, distill=False)[0])
+
+
+# The factors --fit tries for each modality's weight, and how often it passes over the modalities.
+FIT_GRID, FIT_SWEEPS = (0.0, 0.5, 1.0, 2.0, 4.0), 2
+
+
+def fit_factors(run: dict, held: np.ndarray, rest: np.ndarray | None) -> np.ndarray:
+    """One factor per modality on the learned weights, maximising the MRR of the ``held`` pairs ranked among
+    themselves, with the ``rest`` pairs' entities as distractors if given: coordinate ascent over FIT_GRID
+    from all ones (ties keep the current factor, so a modality changes only when that helps)."""
+    factors = np.ones(len(run["modalities"]))
+
+    def mrr(f: np.ndarray) -> float:
+        return score(run, run["weights"] * f, held, distractors_of=rest)["mrr"]
+
+    best = mrr(factors)
+    for _ in range(FIT_SWEEPS):
+        changed = False
+        for i in range(len(factors)):
+            for value in FIT_GRID:
+                if value == factors[i]:
+                    continue
+                trial = factors.copy()
+                trial[i] = value
+                if trial.any() and (m := mrr(trial)) > best:
+                    best, factors, changed = m, trial, True
+        if not changed:
+            break
+    return factors
+
+
+def fit_draws(run: dict, n: int, draws: int, distractors: bool = True, seed: int = 0) -> list[dict]:
+    """``fit_factors`` on ``draws`` random sets of ``n`` test links (seeded), with the other test entities as
+    distractors if ``distractors``; each judged on the other links."""
+    links = run["pairs"]
+    if not 0 < n < len(links):
+        raise DataError(f"--fit {n}: must be between 1 and the {len(links) - 1} test links less one")
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(draws):
+        mask = np.zeros(len(links), dtype=bool)
+        mask[rng.choice(len(links), n, replace=False)] = True
+        held, rest = links[mask], links[~mask]
+        factors = fit_factors(run, held, rest if distractors else None)
+        out.append({"factors": factors, "learned": score(run, run["weights"], rest),
+                    "fitted": score(run, run["weights"] * factors, rest)})
+    return out
 
 
 def parse_mix(text: str, modalities: list[str]) -> np.ndarray:
@@ -140,10 +200,32 @@ def weightings(run: dict, mixes: list[str]) -> list[tuple[str, np.ndarray]]:
     return rows
 
 
+def print_fits(run: dict, n: int, draws: int, distractors: bool = True) -> int:
+    try:
+        fits = fit_draws(run, n, draws, distractors)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"| draw | factors ({' / '.join(run['modalities'])}) | other {len(run['pairs']) - n} links: learned "
+          "H@1 / MRR | fitted H@1 / MRR |\n|---|---|---|---|")
+    for i, f in enumerate(fits):
+        a, b = f["learned"], f["fitted"]
+        print(f"| {i} | {' / '.join(f'{x:g}' for x in f['factors'])} | {a['hits@1']:.4f} / {a['mrr']:.4f} | "
+              f"{b['hits@1']:.4f} / {b['mrr']:.4f} |", flush=True)
+    gain = np.array([f["fitted"]["hits@1"] - f["learned"]["hits@1"] for f in fits])
+    print(f"fitted minus learned, Hits@1: mean {gain.mean():+.4f}, min {gain.min():+.4f}, max {gain.max():+.4f}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", type=Path, help="a finished run folder, or a checkpoint file (.pt)")
     p.add_argument("--mix", action="append", default=[], help="global weights, e.g. graph=0.5,attr_text=0.5")
+    p.add_argument("--fit", type=int, default=0, help="N: fit one factor per modality on N test links standing in "
+                                                     "for a validation split, judged on the others")
+    p.add_argument("--draws", type=int, default=10, help="how many random sets of N links --fit draws")
+    p.add_argument("--no-distractors", dest="distractors", action="store_false",
+                   help="--fit ranks its N links among themselves only (faster)")
     p.add_argument("--loss_tau", default="", help="temperatures, e.g. 0.1,0.05: a --router_holdout checkpoint's "
                                                   "held-out pairs' fused loss at each")
     args = p.parse_args(argv)
@@ -157,6 +239,8 @@ def main(argv=None) -> int:
     mean = np.round(run["weights"][np.unique(run["pairs"])].mean(0), 3)
     print(f"{args.run}: {len(run['pairs'])} test pairs; mean learned weight on the test entities: "
           + ", ".join(f"{m} {w}" for m, w in zip(run["modalities"], mean)))
+    if args.fit:
+        return print_fits(run, args.fit, args.draws, args.distractors)
     held = run.get("held_out")
     try:
         taus = [float(t) for t in args.loss_tau.split(",") if t]

@@ -1,0 +1,111 @@
+"""--calibrate_weights: one factor per modality on the router's weights, fitted to the validation links at
+every evaluation (docs/accuracy.md, "Calibrating the weights on validation links"). CPU, seconds."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from test_iterative import IL_SMALL
+
+import train
+from layers import calibrated_weights
+from model import Embeddings
+
+
+def test_calibrated_weights_scale_each_modality_and_renormalise_per_entity():
+    weights = torch.tensor([[0.5, 0.3, 0.2], [0.6, 0.4, 0.0], [0.0, 1.0, 0.0]])
+    out = calibrated_weights(weights, torch.tensor([2.0, 0.0, 1.0]))
+    # by hand: (1.0, 0, 0.2) / 1.2; (1.2, 0, 0) / 1.2; the third has only the modality set to 0: it keeps its own
+    expected = torch.tensor([[1.0 / 1.2, 0.0, 0.2 / 1.2], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(calibrated_weights(weights, torch.ones(3)), weights)
+
+
+def test_the_fit_finds_the_best_factors_on_the_grid_and_never_moves_on_a_tie():
+    target = np.array([0.0, 2.0, 1.0, 4.0])
+    calls = []
+
+    def score(f):
+        calls.append(f.copy())
+        return -float(((f - target) ** 2).sum())
+
+    factors, best = train.fit_factors(score, 4)
+    np.testing.assert_array_equal(factors, target)
+    assert best == 0.0
+    np.testing.assert_array_equal(calls[0], np.ones(4))  # it starts from the learned weights
+    # A score that no factor changes keeps the learned weights: a change must raise the score.
+    factors, _ = train.fit_factors(lambda f: 0.5, 4)
+    np.testing.assert_array_equal(factors, np.ones(4))
+    # All factors zero is never tried (no fused embedding would be left).
+    seen = []
+    train.fit_factors(lambda f: seen.append(f.copy()) or -float(f.sum()), 2)
+    assert all(f.any() for f in seen)
+
+
+class _TwoModalities:
+    """A stand-in model: modality "clean" puts each link's two entities on the same unit vector, "noise" gives
+    every entity its own random one; the router gives noise 0.9 of the weight."""
+
+    modalities = ("clean", "noise")
+
+    def __init__(self, links: np.ndarray, num_entities: int, dim: int = 64):
+        g = torch.Generator().manual_seed(0)
+        clean = torch.nn.functional.normalize(torch.randn(num_entities, dim, generator=g), dim=-1)
+        clean[torch.as_tensor(links[:, 1])] = clean[torch.as_tensor(links[:, 0])]
+        self.u = {"clean": clean,
+                  "noise": torch.nn.functional.normalize(torch.randn(num_entities, dim, generator=g), dim=-1)}
+
+    def embed(self, ids, inputs):
+        ids = torch.as_tensor(ids)
+        unimodal = {m: u[ids] for m, u in self.u.items()}
+        weights = torch.tensor([0.1, 0.9]).expand(len(ids), 2)
+        fused = torch.cat([weights[:, :1] * unimodal["clean"], weights[:, 1:] * unimodal["noise"]], dim=-1)
+        return Embeddings(unimodal, {}, {}, weights, fused)
+
+
+def test_calibration_takes_the_weight_from_a_modality_that_does_not_align():
+    links = np.stack([np.arange(0, 120), np.arange(120, 240)], axis=1)
+    valid, test = links[:20], links[20:]
+    model = _TwoModalities(links, 240)
+    cfg = SimpleNamespace(csls=True, csls_k=3, eval_chunk=4096, valid_pool="valid")
+    raw = train.alignment_metrics(model.embed(np.unique(test), None).fused, test, cfg, ids=np.unique(test))
+    out = train.calibrated_evaluation(model, None, valid, test, cfg)
+    assert out["factors"]["noise"] < 1.0 or out["factors"]["clean"] > 1.0
+    assert out["valid_mrr"] > out["valid_mrr_learned"]
+    assert out["test"]["avg"]["hits@1"] > raw["avg"]["hits@1"] + 0.1
+    assert out["test"]["avg"]["hits@1"] == pytest.approx(1.0)
+
+
+def test_a_run_with_calibrate_weights_records_the_calibrated_test_at_every_evaluation(tiny_synthetic, tmp_path,
+                                                                                     capsys):
+    argv = ["--file_dir", str(tiny_synthetic), *IL_SMALL, "--out_dir", str(tmp_path), "--epochs", "4",
+            "--val_ratio", "0.3"]
+    plain = train.main(*train.parse_args([*argv, "--run_name", "plain"]))
+    res = train.main(*train.parse_args([*argv, "--run_name", "cal", "--calibrate_weights"]))
+    history = [json.loads(line) for line in (tmp_path / "cal" / "metrics.jsonl").read_text().splitlines()]
+    evaluations = [h for h in history if "test" in h]
+    assert evaluations and all("calibrated" in h for h in evaluations)
+    for h in evaluations:
+        c = h["calibrated"]
+        assert set(c["factors"]) == set(res["modalities"])
+        assert c["valid_mrr"] >= c["valid_mrr_learned"]
+        # the learned weights' validation MRR is the run's own validation ranking
+        assert c["valid_mrr_learned"] == pytest.approx(h["valid"]["avg"]["mrr"], abs=1e-6)
+        if all(f == 1.0 for f in c["factors"].values()):
+            assert c["test"]["avg"]["mrr"] == pytest.approx(h["test"]["avg"]["mrr"], abs=1e-6)
+    # the calibration changes nothing in the training: same raw numbers as the run without it
+    assert res["last_epoch"]["test"] == plain["last_epoch"]["test"]
+    assert res["last_epoch"]["calibrated"] == train.rounded(evaluations[-1]["calibrated"])
+    best = max(evaluations, key=lambda h: (h["calibrated"]["valid_mrr"], -h["epoch"]))
+    assert res["best_calibrated_valid_epoch"]["epoch"] == best["epoch"]
+    assert "last epoch, calibrated" in train.format_results(res)
+
+
+def test_calibrate_weights_needs_a_validation_split(tiny_synthetic, tmp_path):
+    with pytest.raises(train.DataError, match="--calibrate_weights fits the modality weights to the validation"):
+        train.main(*train.parse_args(["--file_dir", str(tiny_synthetic), *IL_SMALL, "--epochs", "2",
+                                      "--out_dir", str(tmp_path), "--calibrate_weights"]))
