@@ -69,3 +69,20 @@ def test_a_router_holdout_checkpoint_adds_its_held_out_pairs(tiny_synthetic, tmp
     assert reweight.held_out_loss(run, run["weights"], 0.05) == pytest.approx(eq13, rel=1e-5)
     assert reweight.held_out_loss(run, run["weights"], 0.1) != pytest.approx(eq13, rel=1e-3)
     assert reweight.main([str(tmp_path / "held" / "checkpoint.pt"), "--loss_tau", "x"]) == 2
+
+
+def test_fit_chooses_factors_on_held_links_that_never_rank_them_worse(tiny_synthetic, tmp_path, capsys):
+    """--fit N: the factors fitted on N test links (standing in for validation links) rank those links at
+    least as well as the learned weights do; each draw is judged on the other links; a bad N is refused."""
+    argv = ["--file_dir", str(tiny_synthetic), *IL_SMALL, "--out_dir", str(tmp_path), "--run_name", "plain"]
+    train.main(*train.parse_args([*argv, "--epochs", "6"]))
+    run = reweight.load_run(tmp_path / "plain")
+    held, rest = run["pairs"][:8], run["pairs"][8:]
+    factors = reweight.fit_factors(run, held, rest)
+    fitted = reweight.score(run, run["weights"] * factors, held, distractors_of=rest)["mrr"]
+    assert fitted >= reweight.score(run, run["weights"], held, distractors_of=rest)["mrr"]
+    draws = reweight.fit_draws(run, 8, 2, distractors=False)
+    assert len(draws) == 2 and all(len(d["factors"]) == len(run["modalities"]) for d in draws)
+    assert reweight.main([str(tmp_path / "plain"), "--fit", "8", "--draws", "2", "--no-distractors"]) == 0
+    assert "fitted minus learned, Hits@1: mean" in capsys.readouterr().out
+    assert reweight.main([str(tmp_path / "plain"), "--fit", str(len(run["pairs"]))]) == 2

@@ -25,7 +25,7 @@ on those pairs, L_f^CL of Eq. 13 (one batch of them, evaluation-mode embeddings)
 
 --fit N asks whether a validation split of N links could correct the weights. N test links stand in for
 validation links (the model trained on neither): one factor per modality multiplies the learned weights
-of every entity, chosen by coordinate ascent over FIT_GRID to maximise those links' MRR, ranked with the
+of every entity, chosen as train.py's --calibrate_weights chooses them, to maximise those links' MRR, ranked with the
 other test entities as distractors (as train.py ranks its validation pairs in "valid_heldout"); the
 other test links, ranked among themselves, then judge the factors against the learned weights. It
 draws --draws such sets (seeded) and prints each draw's factors and both numbers.
@@ -126,32 +126,14 @@ def held_out_loss(run: dict, weights: np.ndarray, tau: float) -> float:
     return float(batch_alignment_losses(*sides, {}, {}, tau, 1.0, unimodal_cl=False, distill=False)[0])
 
 
-# The factors --fit tries for each modality's weight, and how often it passes over the modalities.
-FIT_GRID, FIT_SWEEPS = (0.0, 0.5, 1.0, 2.0, 4.0), 2
-
-
 def fit_factors(run: dict, held: np.ndarray, rest: np.ndarray | None) -> np.ndarray:
     """One factor per modality on the learned weights, maximising the MRR of the ``held`` pairs ranked among
-    themselves, with the ``rest`` pairs' entities as distractors if given: coordinate ascent over FIT_GRID
-    from all ones (ties keep the current factor, so a modality changes only when that helps)."""
-    factors = np.ones(len(run["modalities"]))
+    themselves, with the ``rest`` pairs' entities as distractors if given: train.fit_factors, the search of
+    --calibrate_weights (coordinate ascent over train.CALIBRATION_GRID from all ones)."""
+    import train
 
-    def mrr(f: np.ndarray) -> float:
-        return score(run, run["weights"] * f, held, distractors_of=rest)["mrr"]
-
-    best = mrr(factors)
-    for _ in range(FIT_SWEEPS):
-        changed = False
-        for i in range(len(factors)):
-            for value in FIT_GRID:
-                if value == factors[i]:
-                    continue
-                trial = factors.copy()
-                trial[i] = value
-                if trial.any() and (m := mrr(trial)) > best:
-                    best, factors, changed = m, trial, True
-        if not changed:
-            break
+    factors, _ = train.fit_factors(
+        lambda f: score(run, run["weights"] * f, held, distractors_of=rest)["mrr"], len(run["modalities"]))
     return factors
 
 
