@@ -721,20 +721,26 @@ def calibrated_evaluation(model: HUMEA, inputs: ModelInputs, valid: np.ndarray, 
     calibrated weights. The factors are fitted afresh at each evaluation and change nothing in the training."""
     ids = np.unique(np.concatenate([valid, test]))
     emb = model.embed(ids, inputs)
-    parts = [emb.unimodal[m] for m in model.modalities]
     extra = (test[:, 0], test[:, 1]) if cfg.valid_pool == "heldout" else None
 
-    def fused(factors: np.ndarray) -> torch.Tensor:
+    def fused(factors: np.ndarray, rows: np.ndarray) -> torch.Tensor:
+        """The calibrated h^f of the entities ``rows`` (sorted, among ``ids``): row by row, so the same
+        values whichever other rows are computed with them."""
+        at = torch.as_tensor(np.searchsorted(ids, rows))
         scale = torch.as_tensor(factors, dtype=emb.weights.dtype)
-        return weighted_concat(parts, calibrated_weights(emb.weights, scale))
+        return weighted_concat([emb.unimodal[m][at] for m in model.modalities],
+                               calibrated_weights(emb.weights[at], scale))
+
+    fit_ids = np.unique(valid) if extra is None else ids  # the fit ranks only these: 41 rankings or so
 
     def valid_mrr(factors: np.ndarray) -> float:
-        return alignment_metrics(fused(factors), valid, cfg, ids=ids, extra_candidates=extra)["avg"]["mrr"]
+        return alignment_metrics(fused(factors, fit_ids), valid, cfg, ids=fit_ids,
+                                 extra_candidates=extra)["avg"]["mrr"]
 
-    learned = valid_mrr(np.ones(len(parts)))
-    factors, fitted = fit_factors(valid_mrr, len(parts))
+    learned = valid_mrr(np.ones(len(model.modalities)))
+    factors, fitted = fit_factors(valid_mrr, len(model.modalities))
     return {"factors": dict(zip(model.modalities, factors.tolist())), "valid_mrr": fitted,
-            "valid_mrr_learned": learned, "test": alignment_metrics(fused(factors), test, cfg, ids=ids)}
+            "valid_mrr_learned": learned, "test": alignment_metrics(fused(factors, ids), test, cfg, ids=ids)}
 
 
 # The modality-health monitor: the entities it samples, and its warning thresholds.
