@@ -133,12 +133,29 @@ def test_calibrated_runs_get_their_own_table_of_the_calibrated_numbers(tmp_path)
     res["best_calibrated_valid_epoch"] = {"epoch": 400, "factors": factors, "valid_mrr": 0.75,
                                           "valid_mrr_learned": 0.6, "test": _metrics(0.47)}
     (folder / "results.json").write_text(json.dumps(res))
+    evals = [{"epoch": e, "test": _metrics(0.3), "calibrated": {"factors": factors, "valid_mrr": 0.7,
+                                                                  "valid_mrr_learned": 0.6, "test": _metrics(h1)}}
+             for e, h1 in ((400, 0.47), (600, 0.48), (1000, 0.45))]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in evals))
     make_run(tmp_path / "runs", "t1_db_20_val", 0.50, valid=True, val_ratio=0.1)
-    sec = _section(build_report(tmp_path / "runs", tmp_path / "r.md"), "Selection on a validation split")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{report.README_BEGIN}\n{report.README_END}\n")
+    records = tmp_path / "records"
+    sec = _section(build_report(tmp_path / "runs", tmp_path / "r.md", readme=readme, save_records_to=records),
+                   "Selection on a validation split")
     assert ("| `t1_yg_20_val_cal` | FB15K-YAGO15K 20% | finished | 0.4000 / 0.4500 | 0.4500 / 0.5000 | graph 1 / "
             "rel_bow 0 / attr_text 2 | 0.4700 / 0.5200 (400) |") in sec
     assert "| `t1_db_20_val` |" in sec.split("Calibrated weights")[0]  # not calibrated: not in that table
     assert "| `t1_db_20_val` |" not in sec.split("Calibrated weights")[1]
+    # The README's opening table: the calibrated last epoch, and the best calibrated test epoch (600)
+    row = "FB15K-YAGO15K 20%, weights calibrated on a validation split (`t1_yg_20_val_cal`)"
+    line = next(l for l in readme.read_text().splitlines() if row in l)
+    assert "| 0.4393 / 0.5280 | 0.4280 / 0.5150 | 0.4500 / 0.5000 (epoch 1000) | 0.4800 / 0.5300 (epoch 600) |" in line
+    # The record keeps the calibrated numbers: the same row once the folder is gone
+    import shutil
+    shutil.rmtree(folder)
+    build_report(tmp_path / "runs", tmp_path / "r.md", readme=readme, records_dir=records)
+    assert line in readme.read_text()
 
 
 def test_seed_spread_of_one_value_has_no_deviation():
