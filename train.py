@@ -731,7 +731,7 @@ def calibrated_evaluation(model: HUMEA, inputs: ModelInputs, valid: np.ndarray, 
         return weighted_concat([emb.unimodal[m][at] for m in model.modalities],
                                calibrated_weights(emb.weights[at], scale))
 
-    fit_ids = np.unique(valid) if extra is None else ids  # the fit ranks only these: 41 rankings or so
+    fit_ids = np.unique(valid) if extra is None else ids  # the entities the fit's rankings read
 
     def valid_mrr(factors: np.ndarray) -> float:
         return alignment_metrics(fused(factors, fit_ids), valid, cfg, ids=fit_ids,
