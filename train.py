@@ -691,8 +691,9 @@ def evaluate(model: HUMEA, inputs: ModelInputs, pairs: np.ndarray, cfg: Config, 
     return res, modality_health(model.modalities, emb, np.searchsorted(ids, health_ids))
 
 
-# --calibrate_weights: the factors tried for each modality's weight, and the most passes over the modalities.
-CALIBRATION_GRID, CALIBRATION_SWEEPS = (0.0, 0.5, 1.0, 2.0, 4.0), 2
+# --calibrate_weights: the factors tried for each modality's weight, the most passes over the modalities, and
+# how many test entities of each side join the validation links' candidates in the fit (a fixed sample).
+CALIBRATION_GRID, CALIBRATION_SWEEPS, CALIBRATION_DISTRACTORS = (0.0, 0.5, 1.0, 2.0, 4.0), 2, 1000
 
 
 def fit_factors(score, num_modalities: int) -> tuple[np.ndarray, float]:
@@ -714,14 +715,30 @@ def fit_factors(score, num_modalities: int) -> tuple[np.ndarray, float]:
     return factors, best
 
 
+def calibration_distractors(test: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The test entities (left, right; sorted) that join the validation links' candidates in --calibrate_weights'
+    fit: CALIBRATION_DISTRACTORS of each side, the same at every evaluation (drawn from the seed on a stream of
+    their own). No test link is read: the two sides are drawn apart."""
+    rng = np.random.default_rng([seed, 20261207])
+    sides = []
+    for side in (np.unique(test[:, 0]), np.unique(test[:, 1])):
+        n = min(CALIBRATION_DISTRACTORS, len(side))
+        sides.append(np.sort(rng.choice(side, n, replace=False)))
+    return sides[0], sides[1]
+
+
 def calibrated_evaluation(model: HUMEA, inputs: ModelInputs, valid: np.ndarray, test: np.ndarray,
-                          cfg: Config) -> dict:
-    """--calibrate_weights: one factor per modality on every entity's router weights (layers.calibrated_weights),
-    fitted to the validation links' MRR ranked as --valid_pool ranks them, then the test pairs ranked under the
-    calibrated weights. The factors are fitted afresh at each evaluation and change nothing in the training."""
+                          cfg: Config) -> tuple[dict, dict]:
+    """--calibrate_weights. One embedding of the validation and test entities gives (1) the validation links
+    ranked with every test entity as a distractor ("valid_heldout", as evaluate(distractors=test) ranks them)
+    and (2) the calibration: one factor per modality on every entity's router weights
+    (layers.calibrated_weights), fitted to the MRR of the validation links ranked among themselves and a fixed
+    sample of test entities (calibration_distractors), then the test pairs ranked under the calibrated
+    weights. The factors are fitted afresh at each evaluation and change nothing in the training."""
+    release_free_heap()
     ids = np.unique(np.concatenate([valid, test]))
     emb = model.embed(ids, inputs)
-    extra = (test[:, 0], test[:, 1]) if cfg.valid_pool == "heldout" else None
+    heldout = alignment_metrics(emb.fused, valid, cfg, ids=ids, extra_candidates=(test[:, 0], test[:, 1]))
 
     def fused(factors: np.ndarray, rows: np.ndarray) -> torch.Tensor:
         """The calibrated h^f of the entities ``rows`` (sorted, among ``ids``): row by row, so the same
@@ -731,7 +748,8 @@ def calibrated_evaluation(model: HUMEA, inputs: ModelInputs, valid: np.ndarray, 
         return weighted_concat([emb.unimodal[m][at] for m in model.modalities],
                                calibrated_weights(emb.weights[at], scale))
 
-    fit_ids = np.unique(valid) if extra is None else ids  # the entities the fit's rankings read
+    extra = calibration_distractors(test, cfg.seed)
+    fit_ids = np.unique(np.concatenate([valid.ravel(), *extra]))
 
     def valid_mrr(factors: np.ndarray) -> float:
         return alignment_metrics(fused(factors, fit_ids), valid, cfg, ids=fit_ids,
@@ -739,8 +757,9 @@ def calibrated_evaluation(model: HUMEA, inputs: ModelInputs, valid: np.ndarray, 
 
     learned = valid_mrr(np.ones(len(model.modalities)))
     factors, fitted = fit_factors(valid_mrr, len(model.modalities))
-    return {"factors": dict(zip(model.modalities, factors.tolist())), "valid_mrr": fitted,
-            "valid_mrr_learned": learned, "test": alignment_metrics(fused(factors, ids), test, cfg, ids=ids)}
+    return heldout, {"factors": dict(zip(model.modalities, factors.tolist())), "valid_mrr": fitted,
+                     "valid_mrr_learned": learned, "distractors": len(extra[0]),
+                     "test": alignment_metrics(fused(factors, ids), test, cfg, ids=ids)}
 
 
 # The modality-health monitor: the entities it samples, and its warning thresholds.
@@ -1319,9 +1338,11 @@ def checkpoint_record(s: Session, epoch: int, terms: dict, sample: np.ndarray, p
     record["health"]["hits1"] = modality_hits(s.model, s.inputs, pair_samples, s.cfg)
     if len(s.split.valid):
         record["valid"] = evaluate(s.model, s.inputs, s.split.valid, s.cfg)
-        record["valid_heldout"] = evaluate(s.model, s.inputs, s.split.valid, s.cfg, distractors=s.split.test)
-    if s.cfg.calibrate_weights:
-        record["calibrated"] = calibrated_evaluation(s.model, s.inputs, s.split.valid, s.split.test, s.cfg)
+        if s.cfg.calibrate_weights:  # one embedding of the validation and test entities serves both
+            record["valid_heldout"], record["calibrated"] = calibrated_evaluation(s.model, s.inputs, s.split.valid,
+                                                                                  s.split.test, s.cfg)
+        else:
+            record["valid_heldout"] = evaluate(s.model, s.inputs, s.split.valid, s.cfg, distractors=s.split.test)
     s.add_elapsed()
     record["seconds"] = round(s.state["seconds"], 2)
     spike = loss_spike_warning(s.state["history"][-1] if s.state["history"] else None, record)

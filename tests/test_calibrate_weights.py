@@ -71,9 +71,13 @@ def test_calibration_takes_the_weight_from_a_modality_that_does_not_align():
     links = np.stack([np.arange(0, 120), np.arange(120, 240)], axis=1)
     valid, test = links[:20], links[20:]
     model = _TwoModalities(links, 240)
-    cfg = SimpleNamespace(csls=True, csls_k=3, eval_chunk=4096, valid_pool="valid")
+    cfg = SimpleNamespace(csls=True, csls_k=3, eval_chunk=4096, seed=0)
     raw = train.alignment_metrics(model.embed(np.unique(test), None).fused, test, cfg, ids=np.unique(test))
-    out = train.calibrated_evaluation(model, None, valid, test, cfg)
+    heldout, out = train.calibrated_evaluation(model, None, valid, test, cfg)
+    everyone = np.unique(links)
+    assert heldout == train.alignment_metrics(model.embed(everyone, None).fused, valid, cfg, ids=everyone,
+                                              extra_candidates=(test[:, 0], test[:, 1]))
+    assert out["distractors"] == 100  # every test entity of a side: fewer than CALIBRATION_DISTRACTORS
     assert out["factors"]["noise"] < 1.0 or out["factors"]["clean"] > 1.0
     assert out["valid_mrr"] > out["valid_mrr_learned"]
     assert out["test"]["avg"]["hits@1"] > raw["avg"]["hits@1"] + 0.1
@@ -93,16 +97,29 @@ def test_a_run_with_calibrate_weights_records_the_calibrated_test_at_every_evalu
         c = h["calibrated"]
         assert set(c["factors"]) == set(res["modalities"])
         assert c["valid_mrr"] >= c["valid_mrr_learned"]
-        # the learned weights' validation MRR is the run's own validation ranking
-        assert c["valid_mrr_learned"] == pytest.approx(h["valid"]["avg"]["mrr"], abs=1e-6)
         if all(f == 1.0 for f in c["factors"].values()):
             assert c["test"]["avg"]["mrr"] == pytest.approx(h["test"]["avg"]["mrr"], abs=1e-6)
-    # the calibration changes nothing in the training: same raw numbers as the run without it
+    # the calibration changes nothing in the training, and its embedding gives the same held-out validation
+    # ranking as evaluate(distractors=test): the numbers of the run without it
     assert res["last_epoch"]["test"] == plain["last_epoch"]["test"]
+    assert res["last_epoch"]["valid_heldout"] == plain["last_epoch"]["valid_heldout"]
     assert res["last_epoch"]["calibrated"] == train.rounded(evaluations[-1]["calibrated"])
     best = max(evaluations, key=lambda h: (h["calibrated"]["valid_mrr"], -h["epoch"]))
     assert res["best_calibrated_valid_epoch"]["epoch"] == best["epoch"]
     assert "last epoch, calibrated" in train.format_results(res)
+
+
+def test_the_fit_s_distractors_are_a_fixed_sample_of_each_side_of_the_test_entities(monkeypatch):
+    test = np.stack([np.arange(0, 50), np.arange(100, 150)], axis=1)
+    monkeypatch.setattr(train, "CALIBRATION_DISTRACTORS", 20)
+    left, right = train.calibration_distractors(test, seed=7)
+    assert len(left) == len(right) == 20 and set(left) <= set(test[:, 0]) and set(right) <= set(test[:, 1])
+    again = train.calibration_distractors(test, seed=7)
+    assert np.array_equal(left, again[0]) and np.array_equal(right, again[1])  # the same at every evaluation
+    other = train.calibration_distractors(test, seed=8)
+    assert not np.array_equal(left, other[0])
+    # the sides are drawn apart: a left entity's gold counterpart is not forced into the sample
+    assert set(right - 100) != set(left)
 
 
 def test_calibrate_weights_needs_a_validation_split(tiny_synthetic, tmp_path):

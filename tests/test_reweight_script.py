@@ -78,11 +78,13 @@ def test_fit_chooses_factors_on_held_links_that_never_rank_them_worse(tiny_synth
     train.main(*train.parse_args([*argv, "--epochs", "6"]))
     run = reweight.load_run(tmp_path / "plain")
     held, rest = run["pairs"][:8], run["pairs"][8:]
-    factors = reweight.fit_factors(run, held, rest)
-    fitted = reweight.score(run, run["weights"] * factors, held, distractors_of=rest)["mrr"]
-    assert fitted >= reweight.score(run, run["weights"], held, distractors_of=rest)["mrr"]
-    draws = reweight.fit_draws(run, 8, 2, distractors=False)
-    assert len(draws) == 2 and all(len(d["factors"]) == len(run["modalities"]) for d in draws)
+    extra = (rest[:, 0], rest[:, 1])
+    factors = reweight.fit_factors(run, held, extra)
+    fitted = reweight.score(run, run["weights"] * factors, held, extra=extra)["mrr"]
+    assert fitted >= reweight.score(run, run["weights"], held, extra=extra)["mrr"]
+    for distractors in (True, False):
+        draws = reweight.fit_draws(run, 8, 2, distractors=distractors)
+        assert len(draws) == 2 and all(len(d["factors"]) == len(run["modalities"]) for d in draws)
     assert reweight.main([str(tmp_path / "plain"), "--fit", "8", "--draws", "2", "--no-distractors"]) == 0
     assert "fitted minus learned, Hits@1: mean" in capsys.readouterr().out
     assert reweight.main([str(tmp_path / "plain"), "--fit", str(len(run["pairs"]))]) == 2

@@ -25,10 +25,11 @@ on those pairs, L_f^CL of Eq. 13 (one batch of them, evaluation-mode embeddings)
 
 --fit N asks whether a validation split of N links could correct the weights. N test links stand in for
 validation links (the model trained on neither): one factor per modality multiplies the learned weights
-of every entity, chosen as train.py's --calibrate_weights chooses them, to maximise those links' MRR, ranked with the
-other test entities as distractors (as train.py ranks its validation pairs in "valid_heldout"); the
-other test links, ranked among themselves, then judge the factors against the learned weights. It
-draws --draws such sets (seeded) and prints each draw's factors and both numbers.
+of every entity, chosen as train.py's --calibrate_weights chooses them, to maximise those links' MRR,
+ranked among themselves and a fixed sample of the other test links' entities (train.calibration_distractors;
+--no-distractors: among themselves only); the other test links, ranked among themselves, then judge the
+factors against the learned weights. It draws --draws such sets (seeded) and prints each draw's factors
+and both numbers.
 
 Rows: learned; uniform over the modalities an entity has; each modality alone; the learned weights
 with one modality's weight doubled or dropped; each --mix (one global weight per modality named, 0 for
@@ -99,15 +100,14 @@ def renormalised(run: dict, weights: np.ndarray) -> np.ndarray:
 
 
 def score(run: dict, weights: np.ndarray, pairs: np.ndarray | None = None, distractors: bool = False,
-          distractors_of: np.ndarray | None = None) -> dict:
+          extra: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """Test metrics (the mean of both directions) of the fused embeddings under ``weights`` (N, M) or (M,),
     renormalised over each entity's modalities; of ``pairs`` instead of the test pairs if given, with the
-    test entities as extra candidates if ``distractors`` (those of ``distractors_of`` if given)."""
+    test entities as extra candidates if ``distractors``, or the (left, right) entities ``extra``."""
     pairs = run["pairs"] if pairs is None else pairs
-    if distractors_of is None and distractors:
-        distractors_of = run["pairs"]
-    extra = None if distractors_of is None else (distractors_of[:, 0], distractors_of[:, 1])
-    ids = np.unique(pairs if distractors_of is None else np.concatenate([pairs, distractors_of]))
+    if extra is None and distractors:
+        extra = (run["pairs"][:, 0], run["pairs"][:, 1])
+    ids = np.unique(pairs if extra is None else np.concatenate([pairs.ravel(), *extra]))
     w = renormalised(run, weights)[ids]
     rows = run["unimodal"][ids]
     fused = torch.as_tensor((rows * w[:, :, None]).reshape(len(ids), -1), dtype=torch.float32)
@@ -126,30 +126,33 @@ def held_out_loss(run: dict, weights: np.ndarray, tau: float) -> float:
     return float(batch_alignment_losses(*sides, {}, {}, tau, 1.0, unimodal_cl=False, distill=False)[0])
 
 
-def fit_factors(run: dict, held: np.ndarray, rest: np.ndarray | None) -> np.ndarray:
+def fit_factors(run: dict, held: np.ndarray, extra: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
     """One factor per modality on the learned weights, maximising the MRR of the ``held`` pairs ranked among
-    themselves, with the ``rest`` pairs' entities as distractors if given: train.fit_factors, the search of
+    themselves and the (left, right) entities ``extra`` if given: train.fit_factors, the search of
     --calibrate_weights (coordinate ascent over train.CALIBRATION_GRID from all ones)."""
     import train
 
-    factors, _ = train.fit_factors(
-        lambda f: score(run, run["weights"] * f, held, distractors_of=rest)["mrr"], len(run["modalities"]))
+    factors, _ = train.fit_factors(lambda f: score(run, run["weights"] * f, held, extra=extra)["mrr"],
+                                   len(run["modalities"]))
     return factors
 
 
 def fit_draws(run: dict, n: int, draws: int, distractors: bool = True, seed: int = 0) -> list[dict]:
-    """``fit_factors`` on ``draws`` random sets of ``n`` test links (seeded), with the other test entities as
-    distractors if ``distractors``; each judged on the other links."""
+    """``fit_factors`` on ``draws`` random sets of ``n`` test links (seeded), each judged on the other links.
+    With ``distractors`` the fit's candidates are those of --calibrate_weights: the held links' entities and a
+    fixed sample of the other links' (train.calibration_distractors); without, the held links' alone."""
+    import train
+
     links = run["pairs"]
     if not 0 < n < len(links):
         raise DataError(f"--fit {n}: must be between 1 and the {len(links) - 1} test links less one")
     rng = np.random.default_rng(seed)
     out = []
-    for _ in range(draws):
+    for draw in range(draws):
         mask = np.zeros(len(links), dtype=bool)
         mask[rng.choice(len(links), n, replace=False)] = True
         held, rest = links[mask], links[~mask]
-        factors = fit_factors(run, held, rest if distractors else None)
+        factors = fit_factors(run, held, train.calibration_distractors(rest, draw) if distractors else None)
         out.append({"factors": factors, "learned": score(run, run["weights"], rest),
                     "fitted": score(run, run["weights"] * factors, rest)})
     return out
@@ -207,7 +210,7 @@ def main(argv=None) -> int:
                                                      "for a validation split, judged on the others")
     p.add_argument("--draws", type=int, default=10, help="how many random sets of N links --fit draws")
     p.add_argument("--no-distractors", dest="distractors", action="store_false",
-                   help="--fit ranks its N links among themselves only (faster)")
+                   help="--fit ranks its N links among themselves only (the first rule of --calibrate_weights)")
     p.add_argument("--loss_tau", default="", help="temperatures, e.g. 0.1,0.05: a --router_holdout checkpoint's "
                                                   "held-out pairs' fused loss at each")
     args = p.parse_args(argv)
