@@ -752,7 +752,8 @@ def calibrated_table(runs: list[Run]) -> list[str]:
                      "-" if best is None else
                      f"{_num(best['avg']['hits@1'])} / {_num(best['avg']['mrr'])} ({best['epoch']})"])
     return ["Calibrated weights (`--calibrate_weights`): at every evaluation one factor per modality multiplies "
-            "every entity's router weights, fitted to the validation links' MRR; the test pairs are then ranked "
+            "every entity's router weights, fitted to the validation links' MRR (ranked among themselves and "
+            "1,000 test entities per side); the test pairs are then ranked "
             "under the calibrated weights. The training is that of the run without the flag (docs/accuracy.md, "
             "'Calibrating the weights on validation links').", "", *_md_table(header, rows), ""]
 
