@@ -696,12 +696,13 @@ def evaluate(model: HUMEA, inputs: ModelInputs, pairs: np.ndarray, cfg: Config, 
 CALIBRATION_GRID, CALIBRATION_SWEEPS, CALIBRATION_DISTRACTORS = (0.0, 0.5, 1.0, 2.0, 4.0), 2, 1000
 
 
-def fit_factors(score, num_modalities: int) -> tuple[np.ndarray, float]:
+def fit_factors(score, num_modalities: int) -> tuple[np.ndarray, float, float]:
     """The factors (one per modality) that maximise ``score(factors)``, by coordinate ascent over
     CALIBRATION_GRID from all ones: a modality's factor changes only when the change raises the score, so the
-    result never scores below the learned weights (all ones). Returns the factors and their score."""
+    result never scores below the learned weights (all ones). Returns the factors, their score and the
+    learned weights' score."""
     factors = np.ones(num_modalities)
-    best = score(factors)
+    best = learned = score(factors)
     for _ in range(CALIBRATION_SWEEPS):
         before = best
         for i in range(num_modalities):
@@ -712,7 +713,7 @@ def fit_factors(score, num_modalities: int) -> tuple[np.ndarray, float]:
                     best, factors = got, trial
         if best == before:
             break
-    return factors, best
+    return factors, best, learned
 
 
 def calibration_distractors(test: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -755,8 +756,7 @@ def calibrated_evaluation(model: HUMEA, inputs: ModelInputs, valid: np.ndarray, 
         return alignment_metrics(fused(factors, fit_ids), valid, cfg, ids=fit_ids,
                                  extra_candidates=extra)["avg"]["mrr"]
 
-    learned = valid_mrr(np.ones(len(model.modalities)))
-    factors, fitted = fit_factors(valid_mrr, len(model.modalities))
+    factors, fitted, learned = fit_factors(valid_mrr, len(model.modalities))
     return heldout, {"factors": dict(zip(model.modalities, factors.tolist())), "valid_mrr": fitted,
                      "valid_mrr_learned": learned, "distractors": len(extra[0]),
                      "test": alignment_metrics(fused(factors, ids), test, cfg, ids=ids)}

@@ -135,7 +135,8 @@ class Config:
                             choices=("valid", "heldout"))
     calibrate_weights: bool = _flag(False, "at every evaluation, also fit one factor per modality on every "
                                            "entity's router weights to the validation links (their MRR, ranked "
-                                           "as --valid_pool ranks them) and rank the test pairs under the "
+                                           "among themselves and 1,000 test entities per side) and rank the "
+                                           "test pairs under the "
                                            "calibrated weights; the training is unchanged (needs --val_ratio; "
                                            "docs/accuracy.md, 'Calibrating the weights on validation links')",
                                     boolean=True)

@@ -559,29 +559,23 @@ def _pair(values) -> str:
     return f"{_num(values[0])} / {_num(values[3])}" if values else "-"
 
 
-def _ours_pair(run: Run | None, key: str) -> str:
+def _ours_pair(run: Run | None, key: str, calibrated: bool = False) -> str:
+    """Hits@1 / MRR (epoch) of a selection of ``run``, or its latest evaluation while it is unfinished; with
+    ``calibrated``, of the test ranking under --calibrate_weights' weights (the last epoch, or the epoch with
+    the best calibrated test MRR for the best-test column)."""
+    test_of = (lambda m: (m.get("calibrated") or {}).get("test")) if calibrated else (lambda m: m.get("test"))
     if run is not None and not run.finished and run.folder.is_dir():
-        done = [m for m in run.metrics if "test" in m]
+        done = [m for m in run.metrics if test_of(m)]
         if done:  # an unfinished run: its latest evaluation in the last-epoch column, labelled so
-            m, avg = done[-1], done[-1]["test"]["avg"]
+            m, avg = done[-1], test_of(done[-1])["avg"]
             return (f"unfinished: {_num(avg['hits@1'])} / {_num(avg['mrr'])} at epoch {m['epoch']} of "
                     f"{run.total_epochs}" if key == "last_epoch" else "unfinished")
     if run is None or not run.finished:
         return "not run yet"
-    sel = run.selection(key)
-    return f"{_num(sel['avg']['hits@1'])} / {_num(sel['avg']['mrr'])} (epoch {sel['epoch']})" if sel else "-"
-
-
-def _calibrated_pair(run: Run, key: str) -> str:
-    """_ours_pair for the test ranking under --calibrate_weights' weights."""
-    done = [m for m in run.metrics if m.get("calibrated")]
-    if not done:
-        return "not run yet"
-    if not run.finished:
-        m, avg = done[-1], done[-1]["calibrated"]["test"]["avg"]
-        return (f"unfinished: {_num(avg['hits@1'])} / {_num(avg['mrr'])} at epoch {m['epoch']} of "
-                f"{run.total_epochs}" if key == "last_epoch" else "unfinished")
-    sel = run.calibrated("last_epoch") if key == "last_epoch" else run.calibrated_best_test()
+    if calibrated:
+        sel = run.calibrated("last_epoch") if key == "last_epoch" else run.calibrated_best_test()
+    else:
+        sel = run.selection(key)
     return f"{_num(sel['avg']['hits@1'])} / {_num(sel['avg']['mrr'])} (epoch {sel['epoch']})" if sel else "-"
 
 
@@ -609,8 +603,8 @@ def readme_summary(runs: list[Run]) -> list[str]:
         dataset, rate = run.spec.dataset, run.spec.rate
         setting = f"{DATASET_LABEL[dataset]} {rate:.0%}, weights calibrated on a validation split (`{run.spec.name}`)"
         rows.append([setting, DATA_NOTE[dataset], _pair(PAPER_TABLE1.get((dataset, rate))),
-                     _pair(OFFICIAL_LAST.get((dataset, rate))), _calibrated_pair(run, "last_epoch"),
-                     _calibrated_pair(run, "best_test_epoch")])
+                     _pair(OFFICIAL_LAST.get((dataset, rate))), _ours_pair(run, "last_epoch", calibrated=True),
+                     _ours_pair(run, "best_test_epoch", calibrated=True)])
     header = ["setting", "data here", "paper (best test epoch)", "official log (last epoch; iterative: best test)",
               "ours, last epoch", "ours, best test epoch*"]
     return [README_BEGIN, "", *_md_table(header, rows), "",

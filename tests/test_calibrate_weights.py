@@ -33,12 +33,13 @@ def test_the_fit_finds_the_best_factors_on_the_grid_and_never_moves_on_a_tie():
         calls.append(f.copy())
         return -float(((f - target) ** 2).sum())
 
-    factors, best = train.fit_factors(score, 4)
+    factors, best, learned = train.fit_factors(score, 4)
     np.testing.assert_array_equal(factors, target)
     assert best == 0.0
+    assert learned == -float(((np.ones(4) - target) ** 2).sum())
     np.testing.assert_array_equal(calls[0], np.ones(4))  # it starts from the learned weights
     # A score that no factor changes keeps the learned weights: a change must raise the score.
-    factors, _ = train.fit_factors(lambda f: 0.5, 4)
+    factors, _, _ = train.fit_factors(lambda f: 0.5, 4)
     np.testing.assert_array_equal(factors, np.ones(4))
     # All factors zero is never tried (no fused embedding would be left).
     seen = []

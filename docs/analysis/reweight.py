@@ -132,8 +132,8 @@ def fit_factors(run: dict, held: np.ndarray, extra: tuple[np.ndarray, np.ndarray
     --calibrate_weights (coordinate ascent over train.CALIBRATION_GRID from all ones)."""
     import train
 
-    factors, _ = train.fit_factors(lambda f: score(run, run["weights"] * f, held, extra=extra)["mrr"],
-                                   len(run["modalities"]))
+    factors, _, _ = train.fit_factors(lambda f: score(run, run["weights"] * f, held, extra=extra)["mrr"],
+                                      len(run["modalities"]))
     return factors
 
 
