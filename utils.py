@@ -538,6 +538,7 @@ class _CosineBlocks:
 
     def __init__(self, left: torch.Tensor, right: torch.Tensor, chunk: int):
         self.left, self.right, self.chunk = left, right, chunk
+        self.shape, self.device = (left.shape[0], right.shape[0]), left.device
         self.keep = left.shape[0] * right.shape[0] <= SIMILARITY_KEEP_ENTRIES
         self.kept: list | None = None
 
@@ -560,6 +561,17 @@ class _CosineBlocks:
                 yield slice(b.start + o, b.start + min(o + _SLICE_ROWS, s.shape[0])), s[o:o + _SLICE_ROWS]
 
 
+class _GivenSimilarity:
+    """A similarity matrix S (L, C) computed by the caller, read in the slices of _CosineBlocks."""
+
+    def __init__(self, sim: torch.Tensor):
+        self.sim, self.shape, self.device = sim, tuple(sim.shape), sim.device
+
+    def slices(self):
+        for o in range(0, self.shape[0], _SLICE_ROWS):
+            yield slice(o, min(o + _SLICE_ROWS, self.shape[0])), self.sim[o:o + _SLICE_ROWS]
+
+
 def _pairs_by_row(rows: np.ndarray, device):
     """Pairs grouped by their query row: ``group(a, b)`` = indices of the pairs whose row is in [a, b)."""
     order = np.argsort(rows, kind="stable")
@@ -571,8 +583,8 @@ def _pairs_by_row(rows: np.ndarray, device):
 def _csls_and_gold(sim: _CosineBlocks, lp, rp, group, k: int, use_csls: bool):
     """First pass over S: the CSLS r terms of both sides (mean of the k largest cosines of each row,
     and of each column, merged slice by slice) and the gold cosines S[lp, rp]."""
-    n_left, n_right = sim.left.shape[0], sim.right.shape[0]
-    dev = sim.left.device
+    n_left, n_right = sim.shape
+    dev = sim.device
     r_left = torch.zeros(n_left, device=dev)
     top_right = None  # (<= k, C): the k largest cosines of each column so far
     gold = torch.empty(len(lp), device=dev)
@@ -621,22 +633,60 @@ def evaluate_alignment(emb: torch.Tensor, pairs: np.ndarray, ids: np.ndarray | N
     random tie breaking (tests/reference.py holds a one-direction reference of the rule).
     """
     pairs = np.asarray(pairs)
-    extra_left, extra_right = extra_candidates if extra_candidates is not None else ((), ())
-    left_ids = np.unique(np.concatenate([pairs[:, 0], np.asarray(extra_left, dtype=pairs.dtype)]))
-    right_ids = np.unique(np.concatenate([pairs[:, 1], np.asarray(extra_right, dtype=pairs.dtype)]))
+    left_ids, right_ids = candidate_ids(pairs, extra_candidates)
     left_pos, right_pos = np.searchsorted(left_ids, pairs[:, 0]), np.searchsorted(right_ids, pairs[:, 1])
     dev = emb.device
     rows = (lambda e: e) if ids is None else (lambda e: np.searchsorted(ids, e))
     left = torch.nn.functional.normalize(emb[torch.as_tensor(rows(left_ids), device=dev)].float(), dim=-1)
     right = torch.nn.functional.normalize(emb[torch.as_tensor(rows(right_ids), device=dev)].float(), dim=-1)
+    ranks, top1, top1_score = _rank_pairs(_CosineBlocks(left, right, chunk), left_pos, right_pos, csls_k, use_csls,
+                                          with_predictions)
+    result = _both_directions(ranks)
+    if with_predictions:
+        result["predictions"] = {"left": pairs[:, 0], "gold_right": pairs[:, 1],
+                                 "pred_right": right_ids[top1.cpu().numpy()],
+                                 "score": top1_score.cpu().numpy(), "rank": ranks["l2r"].cpu().numpy()}
+    return result
+
+
+def candidate_ids(pairs: np.ndarray, extra_candidates: tuple[np.ndarray, np.ndarray] | None = None):
+    """The sorted left and right candidates of evaluate_alignment: the pairs' entities of each side and the
+    ``extra_candidates`` (left ids, right ids)."""
+    extra_left, extra_right = extra_candidates if extra_candidates is not None else ((), ())
+    left_ids = np.unique(np.concatenate([pairs[:, 0], np.asarray(extra_left, dtype=pairs.dtype)]))
+    right_ids = np.unique(np.concatenate([pairs[:, 1], np.asarray(extra_right, dtype=pairs.dtype)]))
+    return left_ids, right_ids
+
+
+@torch.no_grad()
+def similarity_metrics(sim: torch.Tensor, left_pos: np.ndarray, right_pos: np.ndarray, csls_k: int = 3,
+                       use_csls: bool = True) -> dict:
+    """evaluate_alignment's metrics from a similarity matrix ``sim`` (L, C) the caller computed (the cosines
+    of the L left and C right candidates): pair i is (row left_pos[i], column right_pos[i]). The same CSLS,
+    ranking and tie rule; no predictions."""
+    ranks, _, _ = _rank_pairs(_GivenSimilarity(sim), np.asarray(left_pos), np.asarray(right_pos), csls_k, use_csls,
+                              False)
+    return _both_directions(ranks)
+
+
+def _both_directions(ranks: dict) -> dict:
+    m1, m2 = rank_metrics(ranks["l2r"]), rank_metrics(ranks["r2l"])
+    return {"l2r": m1, "r2l": m2, "avg": {k: (m1[k] + m2[k]) / 2 for k in m1}}
+
+
+def _rank_pairs(sim, left_pos: np.ndarray, right_pos: np.ndarray, csls_k: int, use_csls: bool,
+                with_predictions: bool):
+    """The rank of each pair's gold in both directions ({"l2r", "r2l"}: (P,) float64) from the cosines
+    ``sim`` (_CosineBlocks or _GivenSimilarity), and each pair's best column for its left entity and that
+    column's CSLS score (filled only ``with_predictions``)."""
+    dev = sim.device
     lp = torch.as_tensor(left_pos.reshape(-1), device=dev)  # (P,) row of each pair's left entity in S
     rp = torch.as_tensor(right_pos.reshape(-1), device=dev)  # (P,) column of its right entity
-    sim = _CosineBlocks(left, right, chunk)
     group = _pairs_by_row(left_pos.reshape(-1), dev)
     r_left, r_right, gold = _csls_and_gold(sim, lp, rp, group, csls_k, use_csls)
     half_r_left, half_r_right = r_left / 2, r_right / 2
     gold_r2l = gold - half_r_left[lp]  # (P,) key of each pair's gold for its right entity
-    n_pairs = len(pairs)
+    n_pairs = len(lp)
     # Per pair, the sum over all candidates c of sign(key(c) - key(gold)): #higher - #lower (the gold
     # adds 0). With #higher + #lower + #ties = C - 1 the tie rule's rank 1 + #higher + #ties / 2 is
     # 1 + (C - 1 + sum) / 2: one subtract, sign and sum per slice instead of two compares and two
@@ -658,15 +708,8 @@ def evaluate_alignment(emb: torch.Tensor, pairs: np.ndarray, ids: np.ndarray | N
         key = (s.index_select(1, rp) - half_r_left[sl, None]).sub_(gold_r2l)  # (rows, P)
         key[local, p] = 0.0  # the gold itself (0 already when S is kept; exact when recomputed)
         signs["r2l"] += key.sign_().sum(0).double()
-    n_cand = {"l2r": len(right_ids), "r2l": len(left_ids)}
-    ranks = {d: 1 + (n_cand[d] - 1 + signs[d]) / 2 for d in signs}
-    m1, m2 = rank_metrics(ranks["l2r"]), rank_metrics(ranks["r2l"])
-    result = {"l2r": m1, "r2l": m2, "avg": {k: (m1[k] + m2[k]) / 2 for k in m1}}
-    if with_predictions:
-        result["predictions"] = {"left": pairs[:, 0], "gold_right": pairs[:, 1],
-                                 "pred_right": right_ids[top1.cpu().numpy()],
-                                 "score": top1_score.cpu().numpy(), "rank": ranks["l2r"].cpu().numpy()}
-    return result
+    n_cand = {"l2r": sim.shape[1], "r2l": sim.shape[0]}
+    return {d: 1 + (n_cand[d] - 1 + signs[d]) / 2 for d in signs}, top1, top1_score
 
 
 @torch.no_grad()

@@ -128,12 +128,14 @@ def held_out_loss(run: dict, weights: np.ndarray, tau: float) -> float:
 
 def fit_factors(run: dict, held: np.ndarray, extra: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
     """One factor per modality on the learned weights, maximising the MRR of the ``held`` pairs ranked among
-    themselves and the (left, right) entities ``extra`` if given: train.fit_factors, the search of
-    --calibrate_weights (coordinate ascent over train.CALIBRATION_GRID from all ones)."""
+    themselves and the (left, right) entities ``extra`` if given: train.fit_factors on train.factor_objective,
+    the search of --calibrate_weights."""
     import train
 
-    factors, _, _ = train.fit_factors(lambda f: score(run, run["weights"] * f, held, extra=extra)["mrr"],
-                                      len(run["modalities"]))
+    unimodal = [torch.as_tensor(run["unimodal"][:, j]) for j in range(len(run["modalities"]))]
+    cfg = argparse.Namespace(csls=run["csls"], csls_k=run["csls_k"])
+    objective = train.factor_objective(unimodal, torch.as_tensor(run["weights"]), held, cfg, extra=extra)
+    factors, _, _ = train.fit_factors(objective, len(run["modalities"]))
     return factors
 
 
