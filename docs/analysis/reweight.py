@@ -6,6 +6,7 @@ experts hold FB15K-YAGO15K back (docs/accuracy.md, "FB15K-YAGO15K").
     python docs/analysis/reweight.py runs/t1_yg_20 --mix graph=0.5,attr_text=0.5 --mix graph=0.4,attr_text=0.6
     python docs/analysis/reweight.py runs/probe/yg20_router_holdout/checkpoint.pt --mix graph=0.5,attr_text=0.5
     python docs/analysis/reweight.py runs/t1_yg_20 --fit 224 --draws 10   # could a validation split fix the weights?
+    python docs/analysis/reweight.py runs/t1_yg_20 --fit 224 --draws 10 --search coordinate   # the second version
 
 The run folder must hold entity_embeddings.npy (the fused h^f = [w_1 u_1; ...; w_M u_M] of every
 entity, Eq. 12), modality_weights.npy (w, N x M), predictions.tsv (its left entities and their gold
@@ -126,20 +127,25 @@ def held_out_loss(run: dict, weights: np.ndarray, tau: float) -> float:
     return float(batch_alignment_losses(*sides, {}, {}, tau, 1.0, unimodal_cl=False, distill=False)[0])
 
 
-def fit_factors(run: dict, held: np.ndarray, extra: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+def fit_factors(run: dict, held: np.ndarray, extra: tuple[np.ndarray, np.ndarray] | None,
+                search: str = "steepest") -> np.ndarray:
     """One factor per modality on the learned weights, maximising the MRR of the ``held`` pairs ranked among
     themselves and the (left, right) entities ``extra`` if given: train.fit_factors on train.factor_objective,
-    the search of --calibrate_weights."""
+    the search of --calibrate_weights (``search="coordinate"``: the second version's coordinate ascent)."""
     import train
 
     unimodal = [torch.as_tensor(run["unimodal"][:, j]) for j in range(len(run["modalities"]))]
     cfg = argparse.Namespace(csls=run["csls"], csls_k=run["csls_k"])
     objective = train.factor_objective(unimodal, torch.as_tensor(run["weights"]), held, cfg, extra=extra)
-    factors, _, _ = train.fit_factors(objective, len(run["modalities"]))
-    return factors
+    if search == "coordinate":
+        from calibration_search import coordinate_ascent
+
+        return coordinate_ascent(objective, len(run["modalities"]))[0]
+    return train.fit_factors(objective, len(run["modalities"]))[0]
 
 
-def fit_draws(run: dict, n: int, draws: int, distractors: bool = True, seed: int = 0) -> list[dict]:
+def fit_draws(run: dict, n: int, draws: int, distractors: bool = True, seed: int = 0,
+              search: str = "steepest") -> list[dict]:
     """``fit_factors`` on ``draws`` random sets of ``n`` test links (seeded), each judged on the other links.
     With ``distractors`` the fit's candidates are those of --calibrate_weights: the held links' entities and a
     fixed sample of the other links' (train.calibration_distractors); without, the held links' alone."""
@@ -154,7 +160,7 @@ def fit_draws(run: dict, n: int, draws: int, distractors: bool = True, seed: int
         mask = np.zeros(len(links), dtype=bool)
         mask[rng.choice(len(links), n, replace=False)] = True
         held, rest = links[mask], links[~mask]
-        factors = fit_factors(run, held, train.calibration_distractors(rest, draw) if distractors else None)
+        factors = fit_factors(run, held, train.calibration_distractors(rest, draw) if distractors else None, search)
         out.append({"factors": factors, "learned": score(run, run["weights"], rest),
                     "fitted": score(run, run["weights"] * factors, rest)})
     return out
@@ -187,9 +193,9 @@ def weightings(run: dict, mixes: list[str]) -> list[tuple[str, np.ndarray]]:
     return rows
 
 
-def print_fits(run: dict, n: int, draws: int, distractors: bool = True) -> int:
+def print_fits(run: dict, n: int, draws: int, distractors: bool = True, search: str = "steepest") -> int:
     try:
-        fits = fit_draws(run, n, draws, distractors)
+        fits = fit_draws(run, n, draws, distractors, search=search)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -213,6 +219,9 @@ def main(argv=None) -> int:
     p.add_argument("--draws", type=int, default=10, help="how many random sets of N links --fit draws")
     p.add_argument("--no-distractors", dest="distractors", action="store_false",
                    help="--fit ranks its N links among themselves only (the first rule of --calibrate_weights)")
+    p.add_argument("--search", choices=("steepest", "coordinate"), default="steepest",
+                   help="--fit's search: train.fit_factors (steepest ascent), or the second version's coordinate "
+                        "ascent (docs/analysis/calibration_search.py)")
     p.add_argument("--loss_tau", default="", help="temperatures, e.g. 0.1,0.05: a --router_holdout checkpoint's "
                                                   "held-out pairs' fused loss at each")
     args = p.parse_args(argv)
@@ -227,7 +236,7 @@ def main(argv=None) -> int:
     print(f"{args.run}: {len(run['pairs'])} test pairs; mean learned weight on the test entities: "
           + ", ".join(f"{m} {w}" for m, w in zip(run["modalities"], mean)))
     if args.fit:
-        return print_fits(run, args.fit, args.draws, args.distractors)
+        return print_fits(run, args.fit, args.draws, args.distractors, args.search)
     held = run.get("held_out")
     try:
         taus = [float(t) for t in args.loss_tau.split(",") if t]
