@@ -702,7 +702,7 @@ def fit_factors(score, num_modalities: int) -> tuple[np.ndarray, float, float]:
     """The factors (one per modality) that maximise ``score(factors)``, by steepest ascent over CALIBRATION_GRID
     from all ones: each step scores every change of one factor and takes the best one if it raises the score
     (the first in modality and grid order on a tie), so the result never scores below the learned weights (all
-    ones). The first version kept any rise as it went through the modalities and stopped in local optima
+    ones). The earlier versions kept any rise as they went through the modalities and stopped in local optima
     (docs/accuracy.md, "Calibrating the weights on validation links"). Returns the factors, their score and the
     learned weights' score."""
     factors = np.ones(num_modalities)
