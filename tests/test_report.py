@@ -103,6 +103,27 @@ def test_a_validation_selected_row_appears_when_present(tmp_path):
     assert "| 0.4950 |" in valid[0] and "| 980 |" in valid[0]
 
 
+def test_table_1_takes_the_best_valid_epoch_of_the_early_stopping_split_run_where_its_own_run_has_none(tmp_path):
+    runs = tmp_path / "runs"
+    make_run(runs, BASE_RUN, 0.50)
+    make_run(runs, "t1_db_20_val_es", 0.46, valid=True, val_ratio=0.1, early_stop=5)
+    make_run(runs, "t1_db_20_val", 0.40, valid=True, val_ratio=0.1)  # no --early_stop: not the stand-in
+    t1 = _section(build_report(runs, tmp_path / "r.md"), "Table 1")
+    valid = [l for l in t1.splitlines() if "| ours, best valid epoch |" in l]
+    assert len(valid) == 3
+    # the 20% cell: t1_db_20_val_es's best valid epoch (0.46 - 0.005 at 980), marked; YAGO has no run
+    assert "| 0.4550 § | 0.5550 § | 0.6550 § | 0.5050 § | 980 | missing |" in valid[0]
+    assert "§" not in valid[1] and "missing" in valid[1]  # 50%: no run, and no split run of that ratio
+    assert "§ best valid epoch of `t1_db_20_val_es` (FB15K-DB15K 20%): the same command with " \
+           "`--val_ratio 0.1 --early_stop 5`" in t1
+    # the table 1 run's own validation split wins over a stand-in
+    other = tmp_path / "other"
+    make_run(other, BASE_RUN, 0.50, valid=True, val_ratio=0.1)
+    make_run(other, "t1_db_20_val_es", 0.46, valid=True, val_ratio=0.1, early_stop=5)
+    t1 = _section(build_report(other, tmp_path / "o.md"), "Table 1")
+    assert "| 0.4950 |" in next(l for l in t1.splitlines() if "| ours, best valid epoch |" in l) and "§" not in t1
+
+
 def test_seeds_section_gives_each_seed_and_the_mean_and_sample_std_of_the_finished_ones(tmp_path):
     runs = tmp_path / "runs"
     make_run(runs, BASE_RUN, 0.50)
