@@ -1334,6 +1334,15 @@ def set_up(cfg: Config, run: Path | None, ckpt: dict | None) -> Session:
                    expert_pairs=train_pairs[~rows_in(train_pairs, router_pairs)] if len(router_pairs) else train_pairs)
 
 
+def checkpoint_session(path: Path) -> Session:
+    """The run of a checkpoint file as it stood at that epoch (its configuration, its data from the
+    configuration's --file_dir, its weights), for the analysis scripts; nothing is written."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such checkpoint file (a run's checkpoint.pt, or a copy of one)")
+    ckpt = read_checkpoint(path)
+    return set_up(saved_config(ckpt["config"], str(path)), path.parent, ckpt)
+
+
 def router_holdout_pairs(train_pairs: np.ndarray, cfg: Config) -> np.ndarray:
     """--router_holdout: the seed pairs on which only the router learns, a fixed random fraction drawn
     from the seed (its own stream: the split and the training draws do not change), at least 2 (a

@@ -58,12 +58,8 @@ def counted(score):
 
 def load(path: Path) -> dict:
     """The checkpoint's model embeds its validation and test entities, as calibrated_evaluation does."""
-    if not path.is_file():
-        raise DataError(f"{path}: no such checkpoint file (a run's checkpoint.pt, or a copy of one)")
-    ckpt = train.read_checkpoint(path)
-    cfg = train.saved_config(ckpt["config"], str(path))
-    s = train.set_up(cfg, path.parent, ckpt)
-    valid, test = s.split.valid, s.split.test
+    s = train.checkpoint_session(path)
+    cfg, valid, test = s.cfg, s.split.valid, s.split.test
     if not len(valid):
         raise DataError(f"{path}: the run has no validation links (it was trained without --val_ratio)")
     ids = np.unique(np.concatenate([valid, test]))
@@ -71,7 +67,7 @@ def load(path: Path) -> dict:
     unimodal = [emb.unimodal[m] for m in s.model.modalities]
     objective = train.factor_objective(unimodal, emb.weights, valid, cfg, ids=ids,
                                        extra=train.calibration_distractors(test, cfg.seed))
-    return {"epoch": ckpt["epoch"], "cfg": cfg, "ids": ids, "test": test, "unimodal": unimodal,
+    return {"epoch": s.start, "cfg": cfg, "ids": ids, "test": test, "unimodal": unimodal,
             "weights": emb.weights, "modalities": list(s.model.modalities), "objective": objective}
 
 

@@ -79,11 +79,8 @@ def load_checkpoint(path: Path) -> dict:
     """What ``load_run`` returns, from a checkpoint: the model at that epoch embeds every entity."""
     import train  # the model and its data; only this path needs them
 
-    if not path.is_file():
-        raise DataError(f"{path}: no such checkpoint file (a run's checkpoint.pt, or a copy of one)")
-    ckpt = train.read_checkpoint(path)
-    cfg = train.saved_config(ckpt["config"], str(path))
-    s = train.set_up(cfg, path.parent, ckpt)
+    s = train.checkpoint_session(path)
+    cfg = s.cfg
     emb = s.model.embed(np.arange(s.inputs.num_entities), s.inputs)
     unimodal = torch.stack([emb.unimodal[m] for m in s.model.modalities], dim=1).numpy()  # (N, M, D)
     w = emb.weights.numpy()
