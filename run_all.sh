@@ -29,7 +29,8 @@
 #   --jobs N                 runs at a time: N per GPU, or N on the CPU, each run then with
 #                            OMP_NUM_THREADS=1 unless it is set (default 1)
 #
-# A run whose folder holds results.json is finished and skipped; one with checkpoint.pt but no
+# A run whose folder holds results.json is finished and skipped, and so is one whose folder is gone but
+# whose record (--records) is kept, unless --only names it; one with checkpoint.pt but no
 # results.json was interrupted and is resumed from its checkpoint (train.py --resume); an
 # iterative line (--il) whose plain run (the same line without --il, e.g. t1_db_20 for il_db_20) is
 # finished starts from that run's final checkpoint (train.py --il_from) and trains only the iterative
@@ -181,11 +182,21 @@ build_cmd() {
   return 0
 }
 
+# A line whose run folder is gone but whose record (--records) holds its finished run is done as well: a
+# pass skips it unless --only names it, which runs it again (the report then keeps the earlier record under
+# <records>/superseded/).
 status_of() {
   local dir="$out_dir/$1"
   if [ -f "$dir/results.json" ]; then echo done
   elif [ -f "$dir/checkpoint.pt" ]; then echo resume
+  elif [ -n "$records" ] && [ -f "$records/$1.json" ]; then echo "done (record)"
   else echo todo; fi
+}
+named() { [[ ",$only," == *",$1,"* ]]; }
+# Whether line i is run at all: not when finished, nor when only its record is left and --only does not name it.
+finished_line() {
+  local st; st=$(status_of "${names[$1]}")
+  [ "$st" = done ] || { [ "$st" = "done (record)" ] && ! named "${names[$1]}"; }
 }
 
 data_root="${DATA_ROOT:-data/mmkb-datasets}"
@@ -214,7 +225,7 @@ if [ "$list_only" = 1 ]; then
   for i in "${!names[@]}"; do
     build_cmd "$i"
     st=$(status_of "${names[$i]}")
-    [ "$st" != done ] && image_free_line "$i" && st="not run: no image features, = $full_run"
+    [[ "$st" != done* ]] && image_free_line "$i" && st="not run: no image features, = $full_run"
     printf '%s  # %s | %s | paper Hits@1 %s | %s\n' "${cmd[*]}" "${tables[$i]}" "${rows[$i]}" \
       "${expects[$i]}" "$st"
   done
@@ -225,7 +236,7 @@ fi
 # resolves it: a name under $DATA_ROOT, a path, or the embedded default).
 missing=()
 for i in "${!names[@]}"; do
-  [ "$(status_of "${names[$i]}")" = done ] && continue
+  finished_line "$i" && continue
   dataset_dir_of "$i"
   [ -z "$dir" ] && continue
   if [ ! -d "$dir" ] && [[ " ${missing[*]:-} " != *" $dir "* ]]; then missing+=("$dir"); fi
@@ -293,6 +304,8 @@ run_one() {
 todo=()
 for i in "${!names[@]}"; do
   if [ "$(status_of "${names[$i]}")" = done ]; then echo "skip ${names[$i]} (results.json exists)"
+  elif finished_line "$i"; then
+    echo "skip ${names[$i]} (no run folder; $records/${names[$i]}.json holds its finished run: --only ${names[$i]} runs it again)"
   elif image_free_line "$i"; then echo "skip ${names[$i]} ($dir has no image features: w/o v is $full_run)"
   else todo+=("$i"); fi
 done

@@ -269,6 +269,20 @@ def test_skips_finished_runs_and_resumes_interrupted_ones(fake):
     assert len(fake.calls()) == len(calls) and "0 of 6 runs to do" in again.stdout
 
 
+def test_a_line_whose_folder_is_gone_but_whose_record_is_kept_is_done_unless_named(fake, tmp_path):
+    out, records = fake.out, tmp_path / "records"
+    records.mkdir()
+    (records / "t1_db_50.json").write_text("{}")
+    listing = fake.run("run_all.sh", "--list", "--only", "table1", "--out_dir", out, "--records", records).stdout
+    assert "| done (record)" in listing.splitlines()[1] and "| todo" in listing.splitlines()[0]
+    res = fake.run("run_all.sh", "--only", "table1", "--out_dir", out, "--records", records, "--no-report")
+    assert "t1_db_50" not in [_flag(a, "--run_name") for _, a in fake.calls()]
+    assert f"skip t1_db_50 (no run folder; {records}/t1_db_50.json holds its finished run" in res.stdout
+    fake.run("run_all.sh", "--only", "t1_db_50", "--out_dir", out, "--records", records, "--no-report")
+    assert _flag(fake.calls()[-1][1], "--run_name") == "t1_db_50"  # named: it runs again
+    assert _flag(fake.calls()[-1][1], "--resume") is None
+
+
 def test_an_iterative_line_starts_from_its_finished_plain_run(fake):
     """il_db_20 is t1_db_20 plus --il: once t1_db_20 is finished, il_db_20 trains only the iterative epochs
     from its final checkpoint (--il_from); il_db_50, whose plain run is not finished, starts from scratch,
