@@ -1167,7 +1167,7 @@ def status_lines(runs: list[Run]) -> list[str]:
     return ["## Status", "", *_md_table(["table", "done", "left", "time left here (one run at a time)"], rows), "",
             "A run costs here (median training time of the finished runs, one thread beside another run on a "
             f"2-core CPU without a GPU): {per or 'nothing measured yet'}. `bash run_all.sh --list` shows each "
-            "command with todo / done / resume.", ""]
+            "command with todo / done / done (record) / resume.", ""]
 
 
 def preset_lines(finished: list[Run]) -> list[str]:
