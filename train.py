@@ -883,16 +883,22 @@ def health_warnings(health: dict) -> list[str]:
     return out
 
 
-def pseudo_label_candidates(model: HUMEA, inputs: ModelInputs, data: MMKG, train_pairs: np.ndarray, cfg: Config):
+def pseudo_label_candidates(model: HUMEA, inputs: ModelInputs, data: MMKG, train_pairs: np.ndarray, cfg: Config,
+                            factors: np.ndarray | None = None):
     """The mutual CSLS nearest neighbours among the entities that are in none of ``train_pairs``, (P, 2),
-    with each one's CSLS margin over its runner-up (P,)."""
+    with each one's CSLS margin over its runner-up (P,). ``factors`` (one per modality): the fused embeddings
+    under the calibrated weights (layers.calibrated_weights) instead of the router's."""
     aligned = np.zeros(data.num_entities, dtype=bool)
     aligned[train_pairs.ravel()] = True
     left = np.nonzero((data.kg == 0) & ~aligned)[0]
     right = np.nonzero((data.kg == 1) & ~aligned)[0]
     release_free_heap()
-    emb = model.embed(np.concatenate([left, right]), inputs).fused
-    return mutual_nearest_pairs(emb[:len(left)], emb[len(left):], left, right, cfg.csls_k, cfg.eval_chunk,
+    emb = model.embed(np.concatenate([left, right]), inputs)
+    fused = emb.fused
+    if factors is not None:
+        weights = calibrated_weights(emb.weights, torch.as_tensor(factors, dtype=emb.weights.dtype))
+        fused = weighted_concat([emb.unimodal[m] for m in model.modalities], weights)
+    return mutual_nearest_pairs(fused[:len(left)], fused[len(left):], left, right, cfg.csls_k, cfg.eval_chunk,
                                 with_margins=True)
 
 
@@ -1438,6 +1444,12 @@ def step_margin(s: Session, pairs: np.ndarray, margins: np.ndarray, epoch: int) 
     return margin
 
 
+def last_factors(s: Session) -> np.ndarray:
+    """--il_weights calibrated: the factors of the last evaluation's calibration (all ones before the first)."""
+    fitted = next((h["calibrated"]["factors"] for h in reversed(s.state["history"]) if "calibrated" in h), {})
+    return np.array([fitted.get(m, 1.0) for m in s.model.modalities])
+
+
 def add_pseudo_labels(s: Session, epoch: int) -> None:
     """Iterative training's step (--il_select): new mutual nearest neighbours join the pseudo pairs, or
     the pseudo pairs are chosen anew among every entity outside the seed pairs, at the margin of
@@ -1445,7 +1457,8 @@ def add_pseudo_labels(s: Session, epoch: int) -> None:
     only for the log's and results.json's precision."""
     old = s.state["pseudo_pairs"]
     outside = s.train_pairs if s.cfg.il_select == "reselect" else np.concatenate([s.train_pairs, old])
-    pairs, margins = pseudo_label_candidates(s.model, s.inputs, s.data, outside, s.cfg)
+    factors = last_factors(s) if s.cfg.il_weights == "calibrated" else None
+    pairs, margins = pseudo_label_candidates(s.model, s.inputs, s.data, outside, s.cfg, factors)
     margin = step_margin(s, pairs, margins, epoch)
     if s.cfg.il_select == "reselect":
         pseudo = with_margin(pairs, margins, margin)
@@ -1457,11 +1470,13 @@ def add_pseudo_labels(s: Session, epoch: int) -> None:
     s.state["pair_version"] += 1
     step = {"epoch": epoch, "new": len(new), "correct": pair_overlap(new, s.data.links),
             "dropped": len(old) - (len(pseudo) - len(new)), "total": len(pseudo),
-            "total_correct": pair_overlap(pseudo, s.data.links), "margin": margin}
+            "total_correct": pair_overlap(pseudo, s.data.links), "margin": margin,
+            **({"factors": dict(zip(s.model.modalities, factors.tolist()))} if factors is not None else {})}
     s.state["pseudo_steps"].append(step)  # for reports
     s.log.info(kv(epoch=epoch, pseudo_new=step["new"], pseudo_new_precision=step["correct"] / max(step["new"], 1),
                   pseudo_dropped=step["dropped"], pseudo_total=step["total"],
-                  pseudo_precision=step["total_correct"] / max(step["total"], 1)))
+                  pseudo_precision=step["total_correct"] / max(step["total"], 1),
+                  **({"pseudo_factors": "/".join(f"{x:g}" for x in factors)} if factors is not None else {})))
 
 
 def epoch_loop(s: Session) -> None:

@@ -211,6 +211,10 @@ class Config:
                                      "validation entity are validation links at this rate (needs --val_ratio; "
                                      "the step's record keeps the margin, later steps reuse it; 0 = off; "
                                      "docs/accuracy.md, 'A validation split could choose it')")
+    il_weights: str = _flag("router", "the modality weights behind iterative training's pseudo-labels: router (the "
+                                      "learned weights) or calibrated (the router's times the factors that "
+                                      "--calibrate_weights fitted at the last evaluation before the step; needs "
+                                      "--calibrate_weights)", choices=("router", "calibrated"))
     device: str = _flag("cuda" if torch.cuda.is_available() else "cpu",
                         "torch device, e.g. cpu, cuda, cuda:1; the default is cuda on a machine with CUDA, else "
                         "cpu (on this machine: %(default)s)")
@@ -370,6 +374,9 @@ class Config:
         if self.calibrate_weights and not self.val_ratio:
             raise DataError("--calibrate_weights fits the modality weights to the validation links: give "
                             "--val_ratio > 0")
+        if self.il_weights == "calibrated" and not self.calibrate_weights:
+            raise DataError("--il_weights calibrated labels with the factors --calibrate_weights fits: give "
+                            "--calibrate_weights (and --val_ratio > 0)")
         if not 0.0 <= self.il_precision <= 1.0:
             raise DataError(f"--il_precision must be in [0, 1] (0 = off), got {self.il_precision}")
         if self.il_precision and not (self.il and self.val_ratio):

@@ -174,3 +174,38 @@ def test_calibrate_weights_needs_a_validation_split(tiny_synthetic, tmp_path):
     with pytest.raises(train.DataError, match="--calibrate_weights fits the modality weights to the validation"):
         train.main(*train.parse_args(["--file_dir", str(tiny_synthetic), *IL_SMALL, "--epochs", "2",
                                       "--out_dir", str(tmp_path), "--calibrate_weights"]))
+
+
+def test_pseudo_labels_under_the_calibrated_weights_take_the_modality_that_aligns():
+    """--il_weights calibrated: the mutual nearest neighbours of the calibrated fused embeddings. With the
+    noise modality's factor at 0 every remaining link of the clean modality is found; under the router's
+    weights (0.9 on noise) fewer are."""
+    links = np.stack([np.arange(0, 120), np.arange(120, 240)], axis=1)
+    model = _TwoModalities(links, 240)
+    data = SimpleNamespace(num_entities=240, kg=np.repeat([0, 1], 120), modalities=model.modalities)
+    cfg = SimpleNamespace(csls_k=3, eval_chunk=64)
+    seeds = links[:20]
+    router, _ = train.pseudo_label_candidates(model, None, data, seeds, cfg)
+    ones, _ = train.pseudo_label_candidates(model, None, data, seeds, cfg, np.ones(2))
+    calibrated, _ = train.pseudo_label_candidates(model, None, data, seeds, cfg, np.array([1.0, 0.0]))
+    assert np.array_equal(ones, router)  # factors of one change nothing
+    right = {tuple(p) for p in links[20:]}
+    assert {tuple(p) for p in calibrated} == right
+    assert len({tuple(p) for p in router} & right) < len(right)
+
+
+def test_an_iterative_run_labels_with_the_last_evaluation_s_factors(tiny_synthetic, tmp_path):
+    argv = ["--file_dir", str(tiny_synthetic), *IL_SMALL, "--out_dir", str(tmp_path), "--epochs", "4",
+            "--val_ratio", "0.3", "--calibrate_weights", "--il", "--il_epochs", "4", "--il_step", "2"]
+    train.main(*train.parse_args([*argv, "--run_name", "cal_il", "--il_weights", "calibrated"]))
+    history = [json.loads(line) for line in (tmp_path / "cal_il" / "metrics.jsonl").read_text().splitlines()]
+    ckpt = train.read_checkpoint(tmp_path / "cal_il" / "checkpoint.pt")
+    steps = ckpt["pseudo_steps"]
+    assert steps
+    for step in steps:  # each step: the factors of the last evaluation before it (the step comes first)
+        last = [h for h in history if "calibrated" in h and h["epoch"] < step["epoch"]][-1]
+        assert step["factors"] == last["calibrated"]["factors"]
+    assert "pseudo_factors=" in (tmp_path / "cal_il" / "log.txt").read_text()
+    with pytest.raises(train.DataError, match="--il_weights calibrated labels with the factors"):
+        train.main(*train.parse_args(["--file_dir", str(tiny_synthetic), *IL_SMALL, "--epochs", "2", "--il",
+                                      "--out_dir", str(tmp_path), "--il_weights", "calibrated"]))
