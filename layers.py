@@ -370,6 +370,12 @@ def calibrated_weights(weights: torch.Tensor, factors: torch.Tensor) -> torch.Te
     return torch.where(total > 0, scaled / torch.where(total > 0, total, 1.0), weights)
 
 
+def calibrated_fusion(parts: list[torch.Tensor], weights: torch.Tensor, factors) -> torch.Tensor:
+    """h^f (Eq. 12) under the calibrated weights: weighted_concat of ``parts`` with calibrated_weights(weights,
+    factors); ``factors``: M numbers (an array or a tensor)."""
+    return weighted_concat(parts, calibrated_weights(weights, torch.as_tensor(factors, dtype=weights.dtype)))
+
+
 class InterModalRouter(nn.Module):
     """Per-entity modality weights from the concatenated intra-modal outputs.
 

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from data_process.dataset import MMKG, Split, load_dataset, read_pair_file, split_links, write_pair_file
 from data_process.safe_load import ForbiddenGlobal, load_torch
-from layers import PassThrough, calibrated_weights, weighted_concat
+from layers import PassThrough, calibrated_fusion, calibrated_weights
 from loss import CLUBDisentanglement, batch_alignment_losses, random_expert_pairs, total_loss
 from model import HUMEA, ModelConfig, ModelInputs
 from utils import (
@@ -784,8 +784,7 @@ def calibrated_evaluation(model: HUMEA, inputs: ModelInputs, valid: np.ndarray, 
     valid_mrr = factor_objective([emb.unimodal[m] for m in model.modalities], emb.weights, valid, cfg, ids=ids,
                                  extra=extra)
     factors, fitted, learned = fit_factors(valid_mrr, len(model.modalities))
-    weights = calibrated_weights(emb.weights, torch.as_tensor(factors, dtype=emb.weights.dtype))
-    fused = weighted_concat([emb.unimodal[m] for m in model.modalities], weights)
+    fused = calibrated_fusion([emb.unimodal[m] for m in model.modalities], emb.weights, factors)
     return heldout, {"factors": dict(zip(model.modalities, factors.tolist())), "valid_mrr": fitted,
                      "valid_mrr_learned": learned, "distractors": len(extra[0]),
                      "test": alignment_metrics(fused, test, cfg, ids=ids)}
@@ -894,10 +893,8 @@ def pseudo_label_candidates(model: HUMEA, inputs: ModelInputs, data: MMKG, train
     right = np.nonzero((data.kg == 1) & ~aligned)[0]
     release_free_heap()
     emb = model.embed(np.concatenate([left, right]), inputs)
-    fused = emb.fused
-    if factors is not None:
-        weights = calibrated_weights(emb.weights, torch.as_tensor(factors, dtype=emb.weights.dtype))
-        fused = weighted_concat([emb.unimodal[m] for m in model.modalities], weights)
+    fused = emb.fused if factors is None else calibrated_fusion([emb.unimodal[m] for m in model.modalities],
+                                                                 emb.weights, factors)
     return mutual_nearest_pairs(fused[:len(left)], fused[len(left):], left, right, cfg.csls_k, cfg.eval_chunk,
                                 with_margins=True)
 

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import train  # noqa: E402  (the repository root is on the path only now)
-from layers import calibrated_weights, weighted_concat  # noqa: E402
+from layers import calibrated_fusion  # noqa: E402
 from utils import DataError  # noqa: E402
 
 
@@ -72,8 +72,7 @@ def load(path: Path) -> dict:
 
 
 def test_metrics(run: dict, factors: np.ndarray) -> dict:
-    weights = calibrated_weights(run["weights"], torch.as_tensor(factors, dtype=run["weights"].dtype))
-    fused = weighted_concat(run["unimodal"], weights)
+    fused = calibrated_fusion(run["unimodal"], run["weights"], factors)
     return train.alignment_metrics(fused, run["test"], run["cfg"], ids=run["ids"])["avg"]
 
 
