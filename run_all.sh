@@ -303,8 +303,9 @@ run_one() {
 
 todo=()
 for i in "${!names[@]}"; do
-  if [ "$(status_of "${names[$i]}")" = done ]; then echo "skip ${names[$i]} (results.json exists)"
-  elif finished_line "$i"; then
+  st=$(status_of "${names[$i]}")
+  if [ "$st" = done ]; then echo "skip ${names[$i]} (results.json exists)"
+  elif [ "$st" = "done (record)" ] && ! named "${names[$i]}"; then
     echo "skip ${names[$i]} (no run folder; $records/${names[$i]}.json holds its finished run: --only ${names[$i]} runs it again)"
   elif image_free_line "$i"; then echo "skip ${names[$i]} ($dir has no image features: w/o v is $full_run)"
   else todo+=("$i"); fi

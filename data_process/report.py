@@ -505,8 +505,8 @@ def _selection_cells(run: Run | None, key: str, metrics=METRICS) -> list[str]:
 def _grid_table(runs: dict, references: list[tuple[str, dict]], show_valid: bool,
                 stand_ins: dict | None = None) -> list[str]:
     """Table 1 layout: a block of rows per seed ratio, a column group per dataset. ``stand_ins`` (same keys):
-    the run whose best validation epoch fills that row where the cell's own run has no validation split
-    (its numbers marked §)."""
+    the run whose best validation epoch fills that row in place of the cell's own run (its numbers marked §;
+    :func:`table1_section` chooses them)."""
     header = ["Seeds", "Result"]
     for d in DATASETS:
         header += [f"{DATASET_LABEL[d]} {m}" for m in METRIC_LABELS] + [f"{DATASET_LABEL[d]} epoch"]
@@ -524,7 +524,7 @@ def _grid_table(runs: dict, references: list[tuple[str, dict]], show_valid: bool
                 mine = _selection_cells(runs.get((d, rate)), key)
                 mark = PARTIAL_MARK.get(d, "")  # the data's completeness beside each of our numbers on it
                 stand_in = (stand_ins or {}).get((d, rate))
-                if key == "best_valid_epoch" and mine[0] == "no valid split" and stand_in is not None:
+                if key == "best_valid_epoch" and stand_in is not None:
                     mine, mark = _selection_cells(stand_in, key), mark + STAND_IN_MARK
                 cells += [c + mark if c[:1].isdigit() else c for c in mine[:-1]] + mine[-1:]
             block.append([label, *cells])
@@ -547,7 +547,9 @@ def early_stop_runs(runs: list[Run]) -> dict:
 
 def table1_section(runs: list[Run], show_valid: bool) -> list[str]:
     cells = {(r.spec.dataset, r.spec.rate): r for r in runs if r.spec.table == "table1"}
-    stand_ins = early_stop_runs(runs)
+    # An early-stopping split run stands in where the cell's own run has no validation split.
+    stand_ins = {key: r for key, r in early_stop_runs(runs).items()
+                 if _selection_cells(cells.get(key), "best_valid_epoch")[0] == "no valid split"}
     out = ["## Table 1: non-iterative results", "",
            "The paper's Table 1 (best test epoch, the paper's rule) and the official logs' last epoch of "
            "the same runs, beside ours.", ""]
@@ -555,8 +557,7 @@ def table1_section(runs: list[Run], show_valid: bool) -> list[str]:
                                ("official log, last epoch", OFFICIAL_LAST)], show_valid or bool(stand_ins),
                        stand_ins)
     out += ["", _run_names_line(cells), "", PARTIAL_NOTE, ""]
-    used = [r for key, r in sorted(stand_ins.items()) if key in cells and cells[key].selection("best_valid_epoch")
-            is None]
+    used = [r for _, r in sorted(stand_ins.items())]
     if used:
         out += [f"{STAND_IN_MARK.strip()} best valid epoch of " + ", ".join(
             f"`{r.spec.name}` ({DATASET_LABEL[r.spec.dataset]} {int(r.spec.rate * 100)}%)" for r in used)
