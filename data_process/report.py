@@ -1141,34 +1141,37 @@ def _hours(seconds: float) -> str:
 
 
 def status_lines(runs: list[Run]) -> list[str]:
-    """What is done, what is left and what a run costs here (the median training time of the finished
-    runs of the same dataset and rate; the iterative lines train 1.5 times as many epochs)."""
-    cost: dict[tuple[str, float], list[float]] = {}
+    """What is done, what is left and what a run costs here: the median training time per epoch of the finished
+    runs of the same dataset and rate, times the epochs a run left will train (the iterative lines 1.5 times
+    the paper's, Figure 3's points fig3_epochs)."""
+    per_epoch: dict[tuple[str, float], list[float]] = {}
     for r in runs:
         secs = (r.results or {}).get("train_seconds")
-        whole = ((r.results or {}).get("last_epoch") or {}).get("epoch") == (r.config or {}).get("epochs")
+        epochs = (r.config or {}).get("epochs")
+        whole = ((r.results or {}).get("last_epoch") or {}).get("epoch") == epochs
         own = r.finished and not r.alias_of
         if own and secs and whole and not (r.config or {}).get("il") and not r.smoke_reasons():
-            cost.setdefault((r.spec.dataset, r.spec.rate), []).append(float(secs))
+            per_epoch.setdefault((r.spec.dataset, r.spec.rate), []).append(float(secs) / epochs)
+    to_train = {"il": 1.5 * PAPER_EPOCHS, "fig3": fig3_epochs(runs)}
     rows = []
     for table in TABLES:
         mine = [r for r in runs if r.spec.table == table]
         left = [r for r in mine if not r.finished]
         estimate = []
         for r in left:
-            seen = cost.get((r.spec.dataset, r.spec.rate))
+            seen = per_epoch.get((r.spec.dataset, r.spec.rate))
             if seen:
-                estimate.append(float(np.median(seen)) * (1.5 if table == "il" else 1.0))
+                estimate.append(float(np.median(seen)) * to_train.get(table, PAPER_EPOCHS))
         known = f"{_hours(sum(estimate))}" + (f" for {len(estimate)} of them" if len(estimate) < len(left) else "")
         rows.append([table, f"{len(mine) - len(left)} of {len(mine)}",
                      ", ".join(f"`{r.spec.name}`" for r in left) if len(left) <= 4 else f"{len(left)} runs",
                      known if estimate else ("-" if not left else "not measured yet")])
-    per = "; ".join(f"{DATASET_LABEL[d]} {rate:.0%} {_hours(float(np.median(v)))}"
-                    for (d, rate), v in sorted(cost.items()))
+    per = "; ".join(f"{DATASET_LABEL[d]} {rate:.0%} {_hours(float(np.median(v)) * PAPER_EPOCHS)}"
+                    for (d, rate), v in sorted(per_epoch.items()))
     return ["## Status", "", *_md_table(["table", "done", "left", "time left here (one run at a time)"], rows), "",
-            "A run costs here (median training time of the finished runs, one thread beside another run on a "
-            f"2-core CPU without a GPU): {per or 'nothing measured yet'}. `bash run_all.sh --list` shows each "
-            "command with todo / done / done (record) / resume.", ""]
+            f"A {PAPER_EPOCHS}-epoch run costs here (the median training time per epoch of the finished runs, one "
+            f"thread beside another run on a 2-core CPU without a GPU): {per or 'nothing measured yet'}. "
+            "`bash run_all.sh --list` shows each command with todo / done / done (record) / resume.", ""]
 
 
 def preset_lines(finished: list[Run]) -> list[str]:

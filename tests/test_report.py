@@ -22,7 +22,7 @@ def _metrics(h1: float) -> dict:
 
 
 def make_run(runs: Path, name: str, h1: float, *, epochs=1000, file_dir=None, valid=False, artifacts=False,
-             command=None, **config) -> Path:
+             command=None, seconds=12.5, **config) -> Path:
     """A finished run folder as train.py writes it (results.json + config.json [+ arrays])."""
     spec = SPECS[name]
     folder = runs / name
@@ -35,7 +35,7 @@ def make_run(runs: Path, name: str, h1: float, *, epochs=1000, file_dir=None, va
     results = {"last_epoch": {"epoch": epochs, "test": _metrics(h1)},
                "best_valid_epoch": {"epoch": epochs - 20, "test": _metrics(h1 - 0.005)} if valid else None,
                "best_test_epoch": {**best, "note": "selected on the TEST set"},
-               "config": cfg, "pairs": {"train": 10, "valid": 0, "test": 40, "pseudo": 0}, "train_seconds": 12.5}
+               "config": cfg, "pairs": {"train": 10, "valid": 0, "test": 40, "pseudo": 0}, "train_seconds": seconds}
     (folder / "config.json").write_text(json.dumps(cfg))
     (folder / "results.json").write_text(json.dumps(results))
     if command:
@@ -363,14 +363,19 @@ def test_figure_4_shows_the_image_gates_or_else_the_most_varied_ones(tmp_path):
 
 
 def test_the_status_says_what_is_left_and_what_it_costs_here(tmp_path):
+    """The cost is per epoch: a 400-epoch Figure 3 point and a 1000-epoch run at 7.2 s an epoch both say a
+    1000-epoch run takes 2 h, a Figure 3 point left 400 x 7.2 s, an iterative line 1500 x 7.2 s."""
     runs = tmp_path / "runs"
-    make_run(runs, BASE_RUN, 0.5)  # 12.5 s of training in make_run
-    make_run(runs, "t1_db_20_s43", 0.5)
+    make_run(runs, BASE_RUN, 0.5, seconds=7200.0)
+    make_run(runs, "t1_db_20_s43", 0.5, seconds=7200.0)
+    make_run(runs, "f3_n_exp_1", 0.5, epochs=400, seconds=2880.0)
     status = _section(build_report(runs, tmp_path / "r.md"), "Status")
-    assert "| table2 | 0 of 10 | 10 runs | 0.0 h |" in status  # 10 x 12.5 s
-    assert "| seeds | 1 of 2 | `t1_db_20_s44` | 0.0 h |" in status
+    assert "| table2 | 0 of 10 | 10 runs | 20.0 h |" in status  # 10 x 1000 x 7.2 s
+    assert "| seeds | 1 of 2 | `t1_db_20_s44` | 2.0 h |" in status
+    assert "| fig3 | 1 of 21 | 20 runs | 16.0 h |" in status  # 20 x 400 x 7.2 s
+    assert "| il | 0 of 6 | 6 runs | 3.0 h for 1 of them |" in status  # il_db_20 only: 1500 x 7.2 s
     assert "| table1 | 1 of 6 | 5 runs | not measured yet |" in status  # no finished run at 50 / 80% or on YAGO
-    assert "FB15K-DB15K 20% 0.0 h" in status
+    assert "A 1000-epoch run costs here" in status and "FB15K-DB15K 20% 2.0 h" in status
 
 
 def test_our_numbers_on_the_partial_yago_graph_are_marked_as_such(tmp_path):
