@@ -444,8 +444,13 @@ def _non_default_flags(config: dict) -> list[str]:
 
 
 def pseudo_label_stats(run: Run) -> tuple[int, int] | None:
-    """(pseudo pairs added, of which correct) from log.txt's pseudo-label lines; the gold links
-    were read by train.py only to log this precision, never to choose pairs."""
+    """(the final pseudo set's pairs, of which correct): the last of results.json's pseudo_steps (a record keeps
+    them), else the sum of log.txt's pseudo_new lines (a run that predates pseudo_steps: there pairs were only
+    added, so the sum is the final set). The gold links were read by train.py only to log the precision, never
+    to choose pairs."""
+    steps = (run.results or {}).get("pseudo_steps")
+    if steps and "total_correct" in steps[-1]:
+        return int(steps[-1]["total"]), int(steps[-1]["total_correct"])
     total = correct = 0
     seen = False
     for line in _lines(run.folder / "log.txt"):
@@ -794,7 +799,7 @@ def iterative_section(runs: list[Run], show_valid: bool) -> list[str]:
             stats.append([f"`{run.spec.name}`", "missing" if not run.finished else "-", "-"])
         else:
             stats.append([f"`{run.spec.name}`", str(s[0]), _num(s[1] / s[0]) if s[0] else "-"])
-    out += ["Pseudo pairs added over the iterative epochs and their precision (the gold links are read only "
+    out += ["The pseudo pairs of the last iterative epoch and their precision (the gold links are read only "
             "to log this; the selection never sees them):", "",
             *_md_table(["run", "pseudo pairs", "precision"], stats), ""]
     return out

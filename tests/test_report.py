@@ -4,6 +4,7 @@ missing (never zeros), smoke runs labelled, figures drawn or skipped."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -207,6 +208,26 @@ def test_pseudo_label_counts_come_from_the_log(tmp_path):
     il = _section(build_report(tmp_path / "runs", tmp_path / "r.md"), "Iterative")
     assert "| `il_db_50` | 150 | 0.7667 |" in il and "| `il_db_20` | missing | - |" in il
     assert "0.6790" in il  # the official iterative log's number beside ours
+
+
+def test_pseudo_label_counts_come_from_the_steps_when_the_folder_is_gone(tmp_path):
+    """A record has no log: its results' pseudo_steps give the last step's set (the reselect scheme drops pairs,
+    so the sum of the additions, 4,276 + 1,719, is not the set), and they win over a log that repeats a step."""
+    runs, records = tmp_path / "runs", tmp_path / "records"
+    folder = make_run(runs, "il_db_20", 0.6)
+    results = json.loads((folder / "results.json").read_text())
+    results["pseudo_steps"] = [{"epoch": 1010, "new": 4276, "correct": 3758, "dropped": 0, "total": 4276,
+                                "total_correct": 3758},
+                               {"epoch": 1020, "new": 1719, "correct": 1497, "dropped": 97, "total": 5898,
+                                "total_correct": 5212}]
+    (folder / "results.json").write_text(json.dumps(results))
+    (folder / "log.txt").write_text("10:00 epoch=1010 pseudo_new=4276 pseudo_new_precision=0.8789\n" * 2)
+    assert report.pseudo_label_stats(Run.load(SPECS["il_db_20"], runs)) == (5898, 5212)
+    records.mkdir()
+    (records / "il_db_20.json").write_text(json.dumps({"source": "runs/il_db_20/results.json", "results": results}))
+    shutil.rmtree(folder)
+    il = _section(build_report(runs, tmp_path / "r.md", records_dir=records), "Iterative")
+    assert "| `il_db_20` | 5898 | 0.8837 |" in il
 
 
 def test_choose_entities_picks_distinct_correct_pairs_deterministically():
