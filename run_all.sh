@@ -193,11 +193,10 @@ status_of() {
   else echo todo; fi
 }
 named() { [[ ",$only," == *",$1,"* ]]; }
-# Whether line i is run at all: not when finished, nor when only its record is left and --only does not name it.
-finished_line() {
-  local st; st=$(status_of "${names[$1]}")
-  [ "$st" = done ] || { [ "$st" = "done (record)" ] && ! named "${names[$1]}"; }
-}
+# Whether a line of status $1 and name $2 is run at all: not when finished, nor when only its record is left
+# and --only does not name it.
+finished_status() { [ "$1" = done ] || { [ "$1" = "done (record)" ] && ! named "$2"; }; }
+finished_line() { finished_status "$(status_of "${names[$1]}")" "${names[$1]}"; }
 
 data_root="${DATA_ROOT:-data/mmkb-datasets}"
 # The dataset folder of line i in "dir" ("" for the embedded default).
@@ -305,7 +304,7 @@ todo=()
 for i in "${!names[@]}"; do
   st=$(status_of "${names[$i]}")
   if [ "$st" = done ]; then echo "skip ${names[$i]} (results.json exists)"
-  elif [ "$st" = "done (record)" ] && ! named "${names[$i]}"; then
+  elif finished_status "$st" "${names[$i]}"; then
     echo "skip ${names[$i]} (no run folder; $records/${names[$i]}.json holds its finished run: --only ${names[$i]} runs it again)"
   elif image_free_line "$i"; then echo "skip ${names[$i]} ($dir has no image features: w/o v is $full_run)"
   else todo+=("$i"); fi

@@ -1153,7 +1153,7 @@ def status_lines(runs: list[Run]) -> list[str]:
     for r in runs:
         secs = (r.results or {}).get("train_seconds")
         epochs = (r.config or {}).get("epochs")
-        whole = ((r.results or {}).get("last_epoch") or {}).get("epoch") == epochs
+        whole = bool(epochs) and ((r.results or {}).get("last_epoch") or {}).get("epoch") == epochs
         own = r.finished and not r.alias_of
         if own and secs and whole and not (r.config or {}).get("il") and not r.smoke_reasons():
             per_epoch.setdefault((r.spec.dataset, r.spec.rate), []).append(float(secs) / epochs)

@@ -21,7 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from utils import MODALITIES, DataError  # noqa: E402  (the repository root is on the path only now)
+from data_process.report import read_record  # noqa: E402  (the repository root is on the path only now)
+from utils import MODALITIES, DataError  # noqa: E402
 
 NAN = float("nan")  # a number the evaluation lacks
 
@@ -36,7 +37,7 @@ def evaluations(name: str, runs: Path, records: Path) -> list[dict]:
         raw = [json.loads(line) for line in lines if line.strip()]
         health = lambda m: m.get("health") or {}  # noqa: E731
     elif record.is_file():
-        raw = json.loads(record.read_text(encoding="utf-8")).get("metrics") or []
+        raw = read_record(record)[2] or []
         health = lambda m: m  # noqa: E731  (a record keeps the health monitor's weight and hits1 at the top)
     else:
         raise DataError(f"{name}: neither {folder / 'metrics.jsonl'} nor {record} exists; expected a run folder "
