@@ -225,7 +225,7 @@ def _intra_modal(cfg: ModelConfig, modality: str, in_dim: int) -> nn.Module:
     """The intra-modal encoder of one modality (Eq. 5-7, or the option that replaces it)."""
     d = cfg.hidden
     if not cfg.switches.use_hmoe:
-        return LinearProjection(in_dim, d)
+        return LinearProjection(in_dim, d, input_norm=cfg.moe_input_norm == "layernorm")
     if modality == "graph" and (cfg.expert == "linear" or not cfg.graph_moe):
         return PassThrough()
     if cfg.expert == "linear":

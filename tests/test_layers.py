@@ -236,6 +236,16 @@ def test_linear_projection_is_one_expert_with_gate_one():
     assert experts.shape == (2, 1, 3) and torch.equal(gate, torch.ones(2, 1))
 
 
+def test_linear_projection_normalises_its_input_like_the_experts():
+    torch.manual_seed(7)
+    lin = LinearProjection(4, 3, input_norm=True)
+    x = torch.randn(5, 4)
+    y, _, _ = lin(x)
+    z = (x - x.mean(1, keepdim=True)) / torch.sqrt(x.var(1, unbiased=False, keepdim=True) + 1e-5)
+    torch.testing.assert_close(y, z @ lin.proj.weight.t() + lin.proj.bias)
+    torch.testing.assert_close(lin(10 * x)[0], lin(1000 * x)[0])  # the input's scale is gone
+
+
 # ---------------------------------------------------------------------------------------------
 # Eq. 10-12: inter-modal router.
 # ---------------------------------------------------------------------------------------------

@@ -100,6 +100,11 @@ def test_without_hmoe_uses_linear_layers_and_uniform_fusion(inputs):
     torch.testing.assert_close(out.weights, torch.full((9, m), 1.0 / m))
     torch.testing.assert_close(out.fused, torch.cat([out.unimodal[k] for k in MODALITIES], 1) / m)
     assert all(e.shape == (9, 1, D) for e in out.experts.values())
+    # The linear layers read the input as the experts would: layer-normalised under the paper preset,
+    # raw under --moe_input_norm none (the official preset's).
+    assert all(e.input_norm for e in model.experts.values())
+    raw = _model(_cfg(without="hmoe", moe_input_norm="none"), inputs)
+    assert not any(e.input_norm for e in raw.experts.values())
 
 
 def _pair_similarity(model, inputs, pairs) -> tuple[float, float]:
