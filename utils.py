@@ -59,7 +59,8 @@ MODALITY_ALIASES = {a: m.name for m in MODALITY_TABLE for a in m.aliases}
 COMPONENTS = {"cl": (7, "the unimodal contrastive losses L_m^CL, Eq. 15"),
               "al": (8, "the unimodal distillation losses L_m^AL, Eq. 16"),
               "club": (None, "the expert disentanglement loss L_CLUB, Eq. 9"),
-              "hmoe": (None, "the hierarchical MoE, replaced by one linear layer per modality and uniform fusion")}
+              "hmoe": (None, "the hierarchical MoE, replaced by one linear layer per modality (on the input "
+                             "normalised as --moe_input_norm says) and uniform fusion")}
 
 
 def parse_without(text: str) -> list[str]:
