@@ -223,12 +223,12 @@ class HUMEA(nn.Module):
 
 def _intra_modal(cfg: ModelConfig, modality: str, in_dim: int) -> nn.Module:
     """The intra-modal encoder of one modality (Eq. 5-7, or the option that replaces it)."""
-    d = cfg.hidden
+    d, norm = cfg.hidden, cfg.moe_input_norm == "layernorm"  # whether each encoder normalises its input
     if not cfg.switches.use_hmoe:
-        return LinearProjection(in_dim, d, input_norm=cfg.moe_input_norm == "layernorm")
+        return LinearProjection(in_dim, d, input_norm=norm)
     if modality == "graph" and (cfg.expert == "linear" or not cfg.graph_moe):
         return PassThrough()
     if cfg.expert == "linear":
         return LinearNoisyMoE(in_dim, d, cfg.n_exp)
-    return IntraModalMoE(in_dim, d, d, cfg.n_exp, input_norm=cfg.moe_input_norm == "layernorm",
+    return IntraModalMoE(in_dim, d, d, cfg.n_exp, input_norm=norm,
                          dropout=cfg.expert_dropout, residual=modality == "graph" and cfg.graph_residual)
