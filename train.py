@@ -257,8 +257,8 @@ def saved_config(saved: dict, source: str) -> Config:
 
 
 # Flags that may differ between a run and its resumption: where it runs, how it is resumed, and
-# whether the final arrays are written (nothing that changes the training).
-RESUME_FREE = ("resume", "device", "save_outputs", "keep_checkpoints")
+# what is written at its end (nothing that changes the training).
+RESUME_FREE = ("resume", "device", "save_outputs", "keep_checkpoints", "calibrate_unlabelled")
 
 
 def resumed_config(cfg: Config, saved: dict) -> Config:
@@ -273,6 +273,7 @@ def resumed_config(cfg: Config, saved: dict) -> Config:
                             f"{getattr(out, f.name)}; a resumed run keeps its configuration (only --device and "
                             "--save_outputs may change): start a new run to change it")
     return dataclasses.replace(out, device=cfg.device, save_outputs=cfg.save_outputs,
+                               calibrate_unlabelled=cfg.calibrate_unlabelled,
                                keep_checkpoints=cfg.keep_checkpoints or out.keep_checkpoints)
 
 
@@ -790,6 +791,44 @@ def calibrated_evaluation(model: HUMEA, inputs: ModelInputs, valid: np.ndarray, 
                      "test": alignment_metrics(fused, test, cfg, ids=ids)}
 
 
+def unaligned_entities(data: MMKG, train_pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The entities of each KG (left, right; sorted ids) that are in none of ``train_pairs``."""
+    aligned = np.zeros(data.num_entities, dtype=bool)
+    aligned[train_pairs.ravel()] = True
+    return np.nonzero((data.kg == 0) & ~aligned)[0], np.nonzero((data.kg == 1) & ~aligned)[0]
+
+
+def unlabelled_calibration(model: HUMEA, inputs: ModelInputs, data: MMKG, train_pairs: np.ndarray,
+                           test: np.ndarray, cfg: Config) -> dict:
+    """--calibrate_unlabelled. One factor per modality on every entity's router weights
+    (layers.calibrated_weights), fitted (fit_factors, the search of --calibrate_weights) to the share of
+    mutual CSLS nearest neighbours between the two KGs' entities that are in no training pair (the
+    candidates of iterative training, utils.mutual_nearest_pairs); then the test pairs ranked under the
+    calibrated weights. No link is read for the fit: a weighting under which more entities are each
+    other's best match is taken to align more of them (docs/accuracy.md, "Calibrating the weights without
+    labels"). Changes nothing in the training."""
+    left, right = unaligned_entities(data, train_pairs)
+    if not len(left) or not len(right):
+        raise DataError("--calibrate_unlabelled: every entity of one KG is in a training pair, so no entity is "
+                        "left to fit the weights on (give --no-calibrate_unlabelled)")
+    release_free_heap()
+    ids = np.unique(np.concatenate([left, right, test.ravel()]))
+    emb = model.embed(ids, inputs)
+    parts = [emb.unimodal[m] for m in model.modalities]
+    at_left, at_right = torch.as_tensor(np.searchsorted(ids, left)), torch.as_tensor(np.searchsorted(ids, right))
+
+    def mutual_share(factors: np.ndarray) -> float:
+        fused = calibrated_fusion(parts, emb.weights, factors)
+        pairs = mutual_nearest_pairs(fused[at_left], fused[at_right], left, right, cfg.csls_k, cfg.eval_chunk)
+        return len(pairs) / min(len(left), len(right))
+
+    factors, fitted, learned = fit_factors(mutual_share, len(model.modalities))
+    fused = calibrated_fusion(parts, emb.weights, factors)
+    return {"factors": dict(zip(model.modalities, factors.tolist())), "mutual_share": fitted,
+            "mutual_share_learned": learned, "candidates": [len(left), len(right)],
+            "test": alignment_metrics(fused, test, cfg, ids=ids)}
+
+
 # The modality-health monitor: the entities it samples, and its warning thresholds.
 HEALTH_SAMPLE, COLLAPSED_COSINE, NEGLIGIBLE_WEIGHT = 500, 0.9, 0.01
 
@@ -887,10 +926,7 @@ def pseudo_label_candidates(model: HUMEA, inputs: ModelInputs, data: MMKG, train
     """The mutual CSLS nearest neighbours among the entities that are in none of ``train_pairs``, (P, 2),
     with each one's CSLS margin over its runner-up (P,). ``factors`` (one per modality): the fused embeddings
     under the calibrated weights (layers.calibrated_weights) instead of the router's."""
-    aligned = np.zeros(data.num_entities, dtype=bool)
-    aligned[train_pairs.ravel()] = True
-    left = np.nonzero((data.kg == 0) & ~aligned)[0]
-    right = np.nonzero((data.kg == 1) & ~aligned)[0]
+    left, right = unaligned_entities(data, train_pairs)
     release_free_heap()
     emb = model.embed(np.concatenate([left, right]), inputs)
     fused = emb.fused if factors is None else calibrated_fusion([emb.unimodal[m] for m in model.modalities],
@@ -1219,6 +1255,10 @@ def format_results(results: dict) -> str:
         rows[f"last epoch, calibrated ({results['last_epoch']['epoch']})"] = results["last_epoch"]["calibrated"]["test"]
         best = results["best_calibrated_valid_epoch"]
         rows[f"best calib. valid ({best['epoch']})"] = best["test"]
+    for key in ("last_epoch", "best_valid_epoch"):
+        if (results[key] or {}).get("calibrated_unlabelled"):
+            rows[f"{key.split('_')[0]}, no-label calib. ({results[key]['epoch']})"] = \
+                results[key]["calibrated_unlabelled"]["test"]
     return (format_table(rows) + "\n* chosen on the test set, the paper's rule: optimistic, for comparison only"
             + f"\n(test pairs: {results['pairs']['test']}, both directions averaged, "
             + ("CSLS" if results["config"]["csls"] else "cosine") + ")")
@@ -1576,6 +1616,13 @@ def finish(s: Session) -> dict:
                                "outputs_from": outputs_from}
     results = summarise(state["history"], cfg, extra)
     results[outputs_from]["test_directions"] = {k: final[k] for k in ("l2r", "r2l")}
+    if cfg.calibrate_unlabelled:  # the model of the outputs: the last epoch's, or the best-validation epoch's
+        cal = results[outputs_from]["calibrated_unlabelled"] = unlabelled_calibration(
+            s.model, s.inputs, s.data, s.train_pairs, s.split.test, cfg)
+        s.log.info(kv(unlabelled_calibrated_test_hits1=cal["test"]["avg"]["hits@1"],
+                      unlabelled_calibrated_test_mrr=cal["test"]["avg"]["mrr"], mutual_share=cal["mutual_share"],
+                      mutual_share_learned=cal["mutual_share_learned"],
+                      **{f"factor_{m}": f for m, f in cal["factors"].items()}))
     results["provenance"] = {**state["provenance"], "finished": _now()}
     print(format_results(results))
     results = {**rounded({k: v for k, v in results.items() if k != "config"}), "config": results["config"]}
@@ -1661,6 +1708,11 @@ def main(cfg: Config, eval_only: bool = False, extend_to: int = 0) -> dict:
             _, res["calibrated"] = calibrated_evaluation(s.model, s.inputs, s.split.valid, s.split.test, cfg)
             rows["test, calibrated"] = res["calibrated"]["test"]
             print("factors " + kv(**res["calibrated"]["factors"]))
+        if cfg.calibrate_unlabelled:
+            res["calibrated_unlabelled"] = unlabelled_calibration(s.model, s.inputs, s.data, s.train_pairs,
+                                                                  s.split.test, cfg)
+            rows["test, no-label calibrated"] = res["calibrated_unlabelled"]["test"]
+            print("factors without labels " + kv(**res["calibrated_unlabelled"]["factors"]))
         print(format_table(rows))
         return res
     open_run_folder(s)

@@ -141,6 +141,13 @@ class Config:
                                            "calibrated weights; the training is unchanged (needs --val_ratio; "
                                            "docs/accuracy.md, 'Calibrating the weights on validation links')",
                                     boolean=True)
+    calibrate_unlabelled: bool = _flag(True, "at the end of the run, also fit one factor per modality on every "
+                                             "entity's router weights to the number of mutual CSLS nearest "
+                                             "neighbours among the entities in no training pair (no link read: the "
+                                             "candidates of iterative training) and rank the test pairs under those "
+                                             "weights, recorded beside the router's; the training is unchanged "
+                                             "(docs/accuracy.md, 'Calibrating the weights without labels')",
+                                       boolean=True)
     seed: int = _flag(42, "random seed for the split, initialisation and training")
     epochs: int = _flag(1000, "training epochs (one optimiser step per epoch, as the official code)")
     check_point: int = _flag(10, "evaluate every this many epochs")

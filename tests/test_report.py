@@ -505,3 +505,20 @@ def test_a_fresh_run_of_a_line_keeps_the_earlier_runs_record_and_shows_both(tmp_
     before = section.index("| `t1_db_50` (earlier run 1, superseded) | 0.7100 @990 | 0.7000 |")
     assert now < before
     assert "0.7400" in _section(text, "Table 1") and "0.7000" not in _section(text, "Table 1")
+
+
+def test_table1_shows_the_last_epoch_under_weights_calibrated_without_labels(tmp_path):
+    runs = tmp_path / "runs"
+    make_run(runs, BASE_RUN, 0.5)
+    yago = make_run(runs, "t1_yg_50", 0.57)
+    results = json.loads((yago / "results.json").read_text())
+    results["last_epoch"]["calibrated_unlabelled"] = {"factors": {"graph": 1.0}, "test": _metrics(0.66)}
+    (yago / "results.json").write_text(json.dumps(results))
+    t1 = _section(build_report(runs, tmp_path / "r.md"), "Table 1")
+    rows = [l for l in t1.splitlines() if "weights calibrated without labels †" in l]
+    assert len(rows) == 3  # one per seed ratio, after the plain last epoch
+    assert rows[0].count("not recorded") == 1 and "| missing |" in rows[0]  # t1_db_20 predates it; no YAGO 20%
+    assert "| 0.6600 ‡ | 0.7600 ‡ |" in rows[1] and "| 1000 |" in rows[1]
+    assert "† the last epoch's embeddings ranked under the router's weights times one factor" in t1
+    lines = t1.splitlines()
+    assert "ours, last epoch |" in lines[lines.index(rows[1]) - 1]
