@@ -172,7 +172,7 @@ def test_calibrated_runs_get_their_own_table_of_the_calibrated_numbers(tmp_path)
     # The README's opening table: the calibrated last epoch, and the best calibrated test epoch (600)
     row = "FB15K-YAGO15K 20%, weights calibrated on a validation split (`t1_yg_20_val_cal`)"
     line = next(l for l in readme.read_text().splitlines() if row in l)
-    assert "| 0.4393 / 0.5280 | 0.4280 / 0.5150 | 0.4500 / 0.5000 (epoch 1000) | 0.4800 / 0.5300 (epoch 600) |" in line
+    assert "| 0.4393 / 0.5280 | 0.4280 / 0.5150 | 0.4500 / 0.5000 (epoch 1000) | - | 0.4800 / 0.5300 (epoch 600) |" in line
     # The record keeps the calibrated numbers: the same row once the folder is gone
     import shutil
     shutil.rmtree(folder)
@@ -350,9 +350,9 @@ def test_the_readme_table_is_spliced_between_its_markers_and_says_what_the_data_
     assert "old table" not in text
     db20 = next(l for l in text.splitlines() if l.startswith("| FB15K-DB15K 20% |"))
     assert db20 == ("| FB15K-DB15K 20% | complete graphs, no images | 0.5118 / 0.5980 | 0.4730 / 0.5610 | "
-                    "0.4321 / 0.4821 (epoch 1000) | 0.4421 / 0.4921 (epoch 990) |")
+                    "0.4321 / 0.4821 (epoch 1000) | - | 0.4421 / 0.4921 (epoch 990) |")
     yg20 = next(l for l in text.splitlines() if l.startswith("| FB15K-YAGO15K 20% |"))
-    assert "57% of YAGO15K's triples" in yg20 and yg20.endswith("| not run yet | not run yet |")
+    assert "57% of YAGO15K's triples" in yg20 and yg20.endswith("| not run yet | not run yet | not run yet |")
     build_report(runs, tmp_path / "r.md", readme=readme)
     assert readme.read_text() == text  # idempotent
     running = runs / "il_db_20"  # an unfinished run shows its latest evaluation, labelled unfinished
@@ -362,7 +362,7 @@ def test_the_readme_table_is_spliced_between_its_markers_and_says_what_the_data_
                                                   for e, h in ((1150, 0.68), (1160, 0.6812))))
     build_report(runs, tmp_path / "r.md", readme=readme)
     il = next(l for l in readme.read_text().splitlines() if l.startswith("| FB15K-DB15K 20%, iterative |"))
-    assert il.endswith("| unfinished: 0.6812 / 0.7312 at epoch 1160 of 1500 | unfinished |")
+    assert il.endswith("| unfinished: 0.6812 / 0.7312 at epoch 1160 of 1500 | unfinished | unfinished |")
     bare = tmp_path / "BARE.md"
     bare.write_text("# no markers\n")
     with pytest.raises(ValueError, match="no '<!-- results:begin -->'"):
@@ -522,3 +522,8 @@ def test_table1_shows_the_last_epoch_under_weights_calibrated_without_labels(tmp
     assert "† the last epoch's embeddings ranked under the router's weights times one factor" in t1
     lines = t1.splitlines()
     assert "ours, last epoch |" in lines[lines.index(rows[1]) - 1]
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{report.README_BEGIN}\n{report.README_END}\n")
+    build_report(runs, tmp_path / "r.md", readme=readme)
+    yg50 = next(l for l in readme.read_text().splitlines() if l.startswith("| FB15K-YAGO15K 50% |"))
+    assert "| 0.5700 / 0.6200 (epoch 1000) | 0.6600 / 0.7100 (epoch 1000) | 0.5800 / 0.6300 (epoch 990) |" in yg50
