@@ -64,12 +64,14 @@ from utils import (
 
 
 class Invocation(NamedTuple):
-    """What the command line asks for: the run's Config and how to use it. ``eval_only`` and
-    ``extend_to`` are actions on a resumed run, not part of its configuration: never saved as such."""
+    """What the command line asks for: the run's Config and how to use it. ``eval_only``, ``extend_to``
+    and ``add_calibration`` are actions on a resumed run, not part of its configuration: never saved as
+    such."""
 
     cfg: Config
     eval_only: bool = False
     extend_to: int = 0
+    add_calibration: bool = False
 
 
 def parse_args(argv=None) -> Invocation:
@@ -93,9 +95,12 @@ def parse_args(argv=None) -> Invocation:
     p.add_argument("--extend_to", type=int, default=0, metavar="EPOCHS",
                    help="with --resume: continue the run to EPOCHS epochs in all (more than it has trained), also "
                         "a finished one, whose results.json and outputs move to <run>/epoch<E>/ first")
+    p.add_argument("--add_calibration", action="store_true",
+                   help="with --resume of a run that finished before --calibrate_unlabelled existed: fit it at "
+                        "the final checkpoint and add it to results.json's last epoch (nothing else changes)")
     args = vars(p.parse_args(argv))
-    eval_only, extend_to = args.pop("eval_only"), args.pop("extend_to")
-    return Invocation(Config(**args), eval_only, extend_to)
+    eval_only, extend_to, add = args.pop("eval_only"), args.pop("extend_to"), args.pop("add_calibration")
+    return Invocation(Config(**args), eval_only, extend_to, add)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1631,6 +1636,32 @@ def finish(s: Session) -> dict:
     return results
 
 
+def add_unlabelled_calibration(run: Path, cfg: Config, ckpt: dict) -> dict:
+    """--add_calibration: --calibrate_unlabelled's record for a run that finished without it, fitted at its
+    final checkpoint and added to results.json's last epoch with when and by which commit it was added; every
+    other entry stays as it was. Refused (nothing written) for an unfinished run, a run that has the record,
+    or a checkpoint that is not the last epoch's."""
+    path = run / "results.json"
+    if not path.is_file():
+        raise DataError(f"--add_calibration: {run} has no results.json; an unfinished run records the "
+                        "calibration when it finishes")
+    results = json.loads(path.read_text(encoding="utf-8"))
+    last = results["last_epoch"]
+    if last.get("calibrated_unlabelled"):
+        raise DataError(f"--add_calibration: {path} already has last_epoch.calibrated_unlabelled; nothing was "
+                        "changed")
+    if ckpt["epoch"] != last["epoch"]:
+        raise DataError(f"--add_calibration: {run}/checkpoint.pt is at epoch {ckpt['epoch']}, results.json's "
+                        f"last epoch is {last['epoch']}; nothing was changed")
+    s = set_up(dataclasses.replace(cfg, calibrate_unlabelled=True), run, ckpt)
+    cal = unlabelled_calibration(s.model, s.inputs, s.data, s.train_pairs, s.split.test, s.cfg)
+    last["calibrated_unlabelled"] = rounded(cal)
+    results["calibrated_unlabelled_added"] = {"at": _now(), "git_commit": _git("rev-parse", "HEAD")}
+    atomic_write_json(path, results)
+    print(format_results(results))
+    return results
+
+
 def branch_checkpoint(cfg: Config) -> dict:
     """--branch_from: the checkpoint a new run starts from (a run folder's checkpoint.pt, or a file)."""
     path = Path(cfg.branch_from)
@@ -1677,29 +1708,33 @@ def il_from_checkpoint(cfg: Config) -> tuple[Config, dict]:
     return dataclasses.replace(cfg, branch_from=str(run)), ckpt
 
 
-def main(cfg: Config, eval_only: bool = False, extend_to: int = 0) -> dict:
+def main(cfg: Config, eval_only: bool = False, extend_to: int = 0, add_calibration: bool = False) -> dict:
     """One run: set up or resume, the epoch loop, finish. With ``eval_only`` (and --resume): evaluate
     the checkpoint on the test pairs and write nothing. With ``extend_to`` (and --resume): train the
-    run on to that many epochs."""
+    run on to that many epochs. With ``add_calibration`` (and --resume of a finished run): add
+    --calibrate_unlabelled's record to its results.json (add_unlabelled_calibration)."""
     cfg.validate()
     run = ckpt = None
-    if eval_only and extend_to:
-        raise DataError("--eval_only and --extend_to exclude each other: evaluate, or train on")
+    actions = [name for name, on in (("eval_only", eval_only), ("extend_to", extend_to),
+                                     ("add_calibration", add_calibration)) if on]
+    if len(actions) > 1:
+        raise DataError(f"--{' and --'.join(actions)} exclude each other: give one action on the resumed run")
     if cfg.resume:
         run = Path(cfg.resume)
         ckpt = load_checkpoint(run)
         cfg = resumed_config(cfg, ckpt["config"])
         if extend_to:
             cfg = extended_config(cfg, run, ckpt["epoch"], extend_to, ckpt.get("stopped"))
-        if (run / "results.json").is_file() and not eval_only:
+        if (run / "results.json").is_file() and not (eval_only or add_calibration):
             return finished_run(run, get_logger(None))
-    elif eval_only or extend_to:
-        raise DataError(f"--{'eval_only' if eval_only else 'extend_to'} needs --resume <run folder>: the run "
-                        "whose checkpoint to use")
+    elif actions:
+        raise DataError(f"--{actions[0]} needs --resume <run folder>: the run whose checkpoint to use")
     elif cfg.il_from:
         cfg, ckpt = il_from_checkpoint(cfg)
     elif cfg.branch_from:
         ckpt = branch_checkpoint(cfg)
+    if add_calibration:
+        return add_unlabelled_calibration(run, cfg, ckpt)
     s = set_up(cfg, run, ckpt)
     if eval_only:
         res = evaluate(s.model, s.inputs, s.split.test, cfg)

@@ -373,9 +373,12 @@ def record_of(run: Run) -> dict:
 
 def same_run(a: dict, b: dict) -> bool:
     """Whether two records hold the same run: the same selections and training time (a record rewritten
-    with other metric keys is still the same run; a fresh run of the same command is not)."""
+    with other metric keys, or with the calibration that train.py --add_calibration adds to a finished run,
+    is still the same run; a fresh run of the same command is not)."""
     ra, rb = a.get("results") or {}, b.get("results") or {}
-    return all(ra.get(k) == rb.get(k) for k in ("last_epoch", "best_test_epoch", "train_seconds"))
+    trained = lambda sel: {k: v for k, v in sel.items() if k != "calibrated_unlabelled"} if sel else sel
+    return all(trained(ra.get(k)) == trained(rb.get(k)) for k in ("last_epoch", "best_test_epoch")) \
+        and ra.get("train_seconds") == rb.get("train_seconds")
 
 
 def supersede(path: Path) -> Path:

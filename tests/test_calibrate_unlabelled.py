@@ -87,3 +87,46 @@ def test_a_run_records_it_at_the_end_and_the_training_is_unchanged(tiny_syntheti
     quiet = train.main(*train.parse_args(["--resume", str(tmp_path / "cal"), "--eval_only",
                                           "--no-calibrate_unlabelled"]))
     assert "calibrated_unlabelled" not in quiet
+
+
+def test_add_calibration_records_it_for_a_run_that_finished_without_it(tiny_synthetic, tmp_path):
+    argv = ["--file_dir", str(tiny_synthetic), *IL_SMALL, "--out_dir", str(tmp_path), "--epochs", "4"]
+    with_it = train.main(*train.parse_args([*argv, "--run_name", "with"]))
+    train.main(*train.parse_args([*argv, "--run_name", "old", "--no-calibrate_unlabelled"]))
+    path = tmp_path / "old" / "results.json"
+    before = json.loads(path.read_text())
+    added = train.main(*train.parse_args(["--resume", str(tmp_path / "old"), "--add_calibration"]))
+    after = json.loads(path.read_text())
+    assert after["last_epoch"]["calibrated_unlabelled"] == with_it["last_epoch"]["calibrated_unlabelled"]
+    assert added == after and "git_commit" in after["calibrated_unlabelled_added"]
+    # every other entry is kept as it was
+    del after["last_epoch"]["calibrated_unlabelled"], after["calibrated_unlabelled_added"]
+    assert after == before
+    with pytest.raises(train.DataError, match="already has last_epoch.calibrated_unlabelled; nothing was changed"):
+        train.main(*train.parse_args(["--resume", str(tmp_path / "old"), "--add_calibration"]))
+    with pytest.raises(train.DataError, match="exclude each other"):
+        train.main(*train.parse_args(["--resume", str(tmp_path / "old"), "--add_calibration", "--eval_only"]))
+    with pytest.raises(train.DataError, match="--add_calibration needs --resume"):
+        train.main(*train.parse_args([*argv, "--add_calibration"]))
+
+
+def test_add_calibration_refuses_an_unfinished_run(tiny_synthetic, tmp_path):
+    argv = ["--file_dir", str(tiny_synthetic), *IL_SMALL, "--out_dir", str(tmp_path), "--epochs", "4",
+            "--run_name", "r"]
+    train.main(*train.parse_args(argv))
+    (tmp_path / "r" / "results.json").unlink()
+    with pytest.raises(train.DataError, match="has no results.json; an unfinished run records the calibration"):
+        train.main(*train.parse_args(["--resume", str(tmp_path / "r"), "--add_calibration"]))
+
+
+def test_a_record_with_the_added_calibration_is_the_same_run():
+    from data_process.report import same_run
+
+    results = {"last_epoch": {"epoch": 4, "test": {"hits@1": 0.5}}, "best_test_epoch": {"epoch": 2},
+               "train_seconds": 9.0}
+    added = json.loads(json.dumps(results))
+    added["last_epoch"]["calibrated_unlabelled"] = {"factors": {"graph": 2.0}}
+    assert same_run({"results": results}, {"results": added})
+    fresh = json.loads(json.dumps(added))
+    fresh["train_seconds"] = 9.5
+    assert not same_run({"results": results}, {"results": fresh})

@@ -172,7 +172,8 @@ def test_calibrated_runs_get_their_own_table_of_the_calibrated_numbers(tmp_path)
     # The README's opening table: the calibrated last epoch, and the best calibrated test epoch (600)
     row = "FB15K-YAGO15K 20%, weights calibrated on a validation split (`t1_yg_20_val_cal`)"
     line = next(l for l in readme.read_text().splitlines() if row in l)
-    assert "| 0.4393 / 0.5280 | 0.4280 / 0.5150 | 0.4500 / 0.5000 (epoch 1000) | - | 0.4800 / 0.5300 (epoch 600) |" in line
+    assert ("| 0.4393 / 0.5280 | 0.4280 / 0.5150 | 0.4500 / 0.5000 (epoch 1000) | - | 0.4800 / 0.5300 (epoch 600) |"
+            in line)
     # The record keeps the calibrated numbers: the same row once the folder is gone
     import shutil
     shutil.rmtree(folder)
