@@ -1747,7 +1747,9 @@ def main(cfg: Config, eval_only: bool = False, extend_to: int = 0, add_calibrati
             res["calibrated_unlabelled"] = unlabelled_calibration(s.model, s.inputs, s.data, s.train_pairs,
                                                                   s.split.test, cfg)
             rows["test, no-label calibrated"] = res["calibrated_unlabelled"]["test"]
-            print("factors without labels " + kv(**res["calibrated_unlabelled"]["factors"]))
+            cal = res["calibrated_unlabelled"]
+            print("factors without labels " + kv(**cal["factors"]) + " " + kv(
+                mutual_share_learned=cal["mutual_share_learned"], mutual_share=cal["mutual_share"]))
         print(format_table(rows))
         return res
     open_run_folder(s)
