@@ -287,7 +287,7 @@ def test_preset_official_sets_every_departure_and_flags_beside_it_win():
     assert cfg.preset == "official"
     cfg = parse_args(["--preset", "official", "--router", "entity", "--no-curriculum"]).cfg
     assert cfg.router == "entity" and not cfg.curriculum and cfg.expert == "linear"
-    assert parse_args([]) == (Config(), False, 0)  # the paper preset is the defaults
+    assert parse_args([]) == (Config(), False, 0, False)  # the paper preset is the defaults
     with pytest.raises(DataError, match="--preset must be one of"):
         Config.from_preset("unknown")
     with pytest.raises(DataError, match="--router must be one of"):
