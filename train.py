@@ -275,8 +275,9 @@ def resumed_config(cfg: Config, saved: dict) -> Config:
         given = getattr(cfg, f.name)
         if f.name not in RESUME_FREE and given != getattr(default, f.name) and given != getattr(out, f.name):
             raise DataError(f"--resume {cfg.resume}: --{f.name} {given} differs from the resumed run's "
-                            f"{getattr(out, f.name)}; a resumed run keeps its configuration (only --device and "
-                            "--save_outputs may change): start a new run to change it")
+                            f"{getattr(out, f.name)}; a resumed run keeps its configuration (only "
+                            f"{', '.join('--' + n for n in RESUME_FREE if n != 'resume')} may change): start a new "
+                            "run to change it")
     return dataclasses.replace(out, device=cfg.device, save_outputs=cfg.save_outputs,
                                calibrate_unlabelled=cfg.calibrate_unlabelled,
                                keep_checkpoints=cfg.keep_checkpoints or out.keep_checkpoints)
