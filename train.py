@@ -1745,10 +1745,9 @@ def main(cfg: Config, eval_only: bool = False, extend_to: int = 0, add_calibrati
             rows["test, calibrated"] = res["calibrated"]["test"]
             print("factors " + kv(**res["calibrated"]["factors"]))
         if cfg.calibrate_unlabelled:
-            res["calibrated_unlabelled"] = unlabelled_calibration(s.model, s.inputs, s.data, s.train_pairs,
-                                                                  s.split.test, cfg)
-            rows["test, no-label calibrated"] = res["calibrated_unlabelled"]["test"]
-            cal = res["calibrated_unlabelled"]
+            cal = res["calibrated_unlabelled"] = unlabelled_calibration(s.model, s.inputs, s.data, s.train_pairs,
+                                                                        s.split.test, cfg)
+            rows["test, no-label calibrated"] = cal["test"]
             print("factors without labels " + kv(**cal["factors"]) + " " + kv(
                 mutual_share_learned=cal["mutual_share_learned"], mutual_share=cal["mutual_share"]))
         print(format_table(rows))
