@@ -678,14 +678,19 @@ def splice_readme(path: Path, block: list[str]) -> None:
     Path(path).write_text(head + "\n".join(block) + tail, encoding="utf-8")
 
 
-def table2_section(runs: list[Run], by_name: dict[str, Run], show_valid: bool) -> list[str]:
+def table2_section(runs: list[Run], by_name: dict[str, Run]) -> list[str]:
+    """The paper's Table 2 with our rows: last epoch, last epoch under the weights calibrated without labels
+    (UNLABELLED), best valid epoch (only when one of the rows' runs holds out a validation split) and best
+    test epoch."""
     variants = [("Ours", by_name.get(BASE_RUN))]
     variants += [(r.spec.row, r) for r in runs if r.spec.table == "table2"]
+    show_valid = any(run is not None and run.finished and run.selection("best_valid_epoch")
+                     for _, run in variants)
     header = ["Method", "Result", *METRIC_LABELS, "epoch", "run"]
     rows = []
     for label, run in variants:
         block = [["paper", *_reference_cells(PAPER_TABLE2.get(label))]]
-        for key, sel_label in _selections(show_valid):
+        for key, sel_label in _selections(show_valid, unlabelled=True):
             block.append([sel_label, *_selection_cells(run, key)])
         for i, r in enumerate(block):
             rows.append([label if i == 0 else "", *r, f"`{run.spec.name}`" if (i == 0 and run) else ""])
@@ -693,7 +698,7 @@ def table2_section(runs: list[Run], by_name: dict[str, Run], show_valid: bool) -
             "`w/o` switches off one modality (g graph, v image, r_b / r_t relation bag-of-words / text, "
             "a_b / a_t attribute bag-of-words / text) or one component (L_m^CL unimodal contrastive losses, "
             "L_m^AL distillation, L_CLUB, HMoE = the hierarchical mixture of experts).", "",
-            *_md_table(header, rows), ""]
+            *_md_table(header, rows), "", UNLABELLED_NOTE, ""]
 
 
 # Column labels of a selection in the seeds and validation tables.
@@ -1273,7 +1278,7 @@ def build_report(runs_dir: Path, out: Path, figures: Path | None = None, run_all
     # The validation-selected rows appear only when some run held out a validation split.
     show_valid = any(r.selection("best_valid_epoch") for r in finished)
     lines += table1_section(runs, show_valid)
-    lines += table2_section(runs, by_name, show_valid)
+    lines += table2_section(runs, by_name)
     lines += seeds_section(runs, by_name, show_valid)
     lines += valid_section(runs)
     lines += iterative_section(runs, show_valid)

@@ -528,3 +528,27 @@ def test_table1_shows_the_last_epoch_under_weights_calibrated_without_labels(tmp
     build_report(runs, tmp_path / "r.md", readme=readme)
     yg50 = next(l for l in readme.read_text().splitlines() if l.startswith("| FB15K-YAGO15K 50% |"))
     assert "| 0.5700 / 0.6200 (epoch 1000) | 0.6600 / 0.7100 (epoch 1000) | 0.5800 / 0.6300 (epoch 990) |" in yg50
+
+
+def test_table2_shows_the_calibrated_last_epoch_and_no_valid_rows_without_a_split(tmp_path):
+    """Table 2 has the † row of each ablation after its plain last epoch ('not recorded' for a run that
+    finished before the option), and no 'best valid epoch' rows when none of its runs holds out a split,
+    even while a Table 1 split run does."""
+    runs = tmp_path / "runs"
+    make_run(runs, BASE_RUN, 0.5)
+    make_run(runs, "t1_db_20_val_es", 0.46, valid=True, val_ratio=0.1, early_stop=5)
+    hmoe = make_run(runs, "t2_db_20_wo_hmoe", 0.44)
+    results = json.loads((hmoe / "results.json").read_text())
+    results["last_epoch"]["calibrated_unlabelled"] = {"factors": {"graph": 2.0}, "test": _metrics(0.52)}
+    (hmoe / "results.json").write_text(json.dumps(results))
+    text = build_report(runs, tmp_path / "r.md")
+    t2 = _section(text, "Table 2").splitlines()
+    assert not any("best valid epoch" in l for l in t2)
+    assert any("best valid epoch" in l for l in _section(text, "Table 1").splitlines())
+    start = next(i for i, l in enumerate(t2) if l.startswith("| w/o HMoE |"))
+    assert "ours, last epoch |" in t2[start + 1] and "| 0.4400 |" in t2[start + 1]
+    assert "weights calibrated without labels †" in t2[start + 2]
+    assert "| 0.5200 | 0.6200 | 0.7200 | 0.5700 | 1000 |" in t2[start + 2]
+    ours = next(i for i, l in enumerate(t2) if l.startswith("| Ours |"))
+    assert "| not recorded |" in t2[ours + 2]
+    assert any(l.startswith("† the last epoch's embeddings") for l in t2)
