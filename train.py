@@ -1659,8 +1659,16 @@ def add_unlabelled_calibration(run: Path, cfg: Config, ckpt: dict) -> dict:
     last["calibrated_unlabelled"] = rounded(cal)
     results["calibrated_unlabelled_added"] = {"at": _now(), "git_commit": _git("rev-parse", "HEAD")}
     atomic_write_json(path, results)
+    print(unlabelled_factors_line(cal))
     print(format_results(results))
     return results
+
+
+def unlabelled_factors_line(cal: dict) -> str:
+    """The factors --calibrate_unlabelled chose, and the share of mutual nearest neighbours under the router's
+    weights and under the fitted ones, as one line."""
+    return "factors without labels " + kv(**cal["factors"]) + " " + kv(
+        mutual_share_learned=cal["mutual_share_learned"], mutual_share=cal["mutual_share"])
 
 
 def branch_checkpoint(cfg: Config) -> dict:
@@ -1748,8 +1756,7 @@ def main(cfg: Config, eval_only: bool = False, extend_to: int = 0, add_calibrati
             cal = res["calibrated_unlabelled"] = unlabelled_calibration(s.model, s.inputs, s.data, s.train_pairs,
                                                                         s.split.test, cfg)
             rows["test, no-label calibrated"] = cal["test"]
-            print("factors without labels " + kv(**cal["factors"]) + " " + kv(
-                mutual_share_learned=cal["mutual_share_learned"], mutual_share=cal["mutual_share"]))
+            print(unlabelled_factors_line(cal))
         print(format_table(rows))
         return res
     open_run_folder(s)

@@ -89,14 +89,17 @@ def test_a_run_records_it_at_the_end_and_the_training_is_unchanged(tiny_syntheti
     assert "calibrated_unlabelled" not in quiet
 
 
-def test_add_calibration_records_it_for_a_run_that_finished_without_it(tiny_synthetic, tmp_path):
+def test_add_calibration_records_it_for_a_run_that_finished_without_it(tiny_synthetic, tmp_path, capsys):
     argv = ["--file_dir", str(tiny_synthetic), *IL_SMALL, "--out_dir", str(tmp_path), "--epochs", "4"]
     with_it = train.main(*train.parse_args([*argv, "--run_name", "with"]))
     train.main(*train.parse_args([*argv, "--run_name", "old", "--no-calibrate_unlabelled"]))
     path = tmp_path / "old" / "results.json"
     before = json.loads(path.read_text())
+    capsys.readouterr()
     added = train.main(*train.parse_args(["--resume", str(tmp_path / "old"), "--add_calibration"]))
     after = json.loads(path.read_text())
+    cal = after["last_epoch"]["calibrated_unlabelled"]
+    assert f"mutual_share={cal['mutual_share']:.4f}" in capsys.readouterr().out  # it says what it chose
     assert after["last_epoch"]["calibrated_unlabelled"] == with_it["last_epoch"]["calibrated_unlabelled"]
     assert added == after and "git_commit" in after["calibrated_unlabelled_added"]
     # every other entry is kept as it was
