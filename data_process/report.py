@@ -684,8 +684,7 @@ def table2_section(runs: list[Run], by_name: dict[str, Run]) -> list[str]:
     test epoch."""
     variants = [("Ours", by_name.get(BASE_RUN))]
     variants += [(r.spec.row, r) for r in runs if r.spec.table == "table2"]
-    show_valid = any(run is not None and run.finished and run.selection("best_valid_epoch")
-                     for _, run in variants)
+    show_valid = any(run is not None and run.selection("best_valid_epoch") for _, run in variants)
     header = ["Method", "Result", *METRIC_LABELS, "epoch", "run"]
     rows = []
     for label, run in variants:
