@@ -105,6 +105,15 @@ FIG3_PARAMS = {"cl_loss": "λ1 (cl_loss)", "al_loss": "λ2 (al_loss)", "tau_cl":
                "tau_al": "τ_al (tau_al)", "n_exp": "k (n_exp)"}
 # The values of BASE_RUN (run.sh's official ones), used for a default point whose run is missing.
 FIG3_DEFAULTS = {"cl_loss": 1.0, "al_loss": 0.1, "tau_cl": 0.1, "tau_al": 4.0, "n_exp": 5}
+# What the paper's text reads from its Figure 3 (the observations after it), per swept flag. Its temperature
+# T is Eq. 13's, i.e. tau_cl; Eq. 16 has none (tau_al is the official code's, docs/departures.md).
+FIG3_PAPER_READING = {
+    "n_exp": "(1) should not be too small; once enough, performance stabilises",
+    "cl_loss": "(2) relatively stable, only minor fluctuations",
+    "al_loss": "(2) relatively stable, only minor fluctuations",
+    "tau_cl": "(3) the most significant impact; keep it around 0.1",
+    "tau_al": "not in the paper's figure (Eq. 16 has no temperature; the official code's)",
+}
 SELECTIONS = (("last_epoch", "ours, last epoch"),
               ("best_valid_epoch", "ours, best valid epoch"),
               ("best_test_epoch", "ours, best TEST epoch*"))
@@ -893,7 +902,30 @@ def fig3_section(points, figure: str | None, skipped: str | None, epochs: int = 
             best = _ours_cells(run, "best_test_epoch", ("hits@1", "mrr")) or ["-", "-"]
             rows.append([FIG3_PARAMS.get(param, param), f"{value:g}" + (" (default)" if default else ""),
                          f"`{run.spec.name}`", *last[:2], *best[:2]])
-    return out + _md_table(header, rows) + [""]
+    return out + _md_table(header, rows) + [""] + fig3_reading(points)
+
+
+def fig3_reading(points) -> list[str]:
+    """The paper's reading of each sweep beside what the finished points show: the range of their best-TEST
+    and last Hits@1, with the value at each end."""
+    def spread(pts, key):
+        cells = [(run.selection(key)["avg"]["hits@1"], value) for value, run, _ in pts
+                 if run.finished and run.selection(key) is not None]
+        if not cells:
+            return "-"
+        (lo, at_lo), (hi, at_hi) = min(cells), max(cells)
+        if len(cells) == 1:
+            return f"{_num(hi)} ({at_hi:g}) only"
+        return f"{_num(lo)} ({at_lo:g}) to {_num(hi)} ({at_hi:g}), range {hi - lo:.3f}"
+    rows = []
+    for param, pts in points.items():
+        done = sum(run.finished for _, run, _ in pts)
+        rows.append([FIG3_PARAMS.get(param, param), FIG3_PAPER_READING.get(param, "-"), f"{done} of {len(pts)}",
+                     spread(pts, "best_test_epoch"), spread(pts, "last_epoch")])
+    header = ["parameter", "the paper's reading (its text after Figure 3)", "points finished",
+              "ours: best-TEST* H@1, lowest (value) to highest (value)", "ours: last H@1, lowest to highest"]
+    return (["The paper's reading beside ours (the default point counts as one of each sweep; docs/accuracy.md "
+             "has the curves, per-modality figures and a reading per sweep):", ""] + _md_table(header, rows) + [""])
 
 
 def loss_rise_between_evaluations(metrics: list[dict], start: int = STABLE_FROM) -> float | None:

@@ -266,6 +266,23 @@ def test_figures_are_drawn_from_the_run_arrays(tmp_path):
     assert "| entity | graph | image |" in f4 and "img e5" in f4
 
 
+def test_figure_3_sets_the_papers_reading_beside_the_range_of_each_sweep(tmp_path, monkeypatch):
+    """Each swept flag gets the paper's reading and the lowest and highest Hits@1 of its finished points,
+    the default point (t1_db_20) among them, with the value at each end."""
+    monkeypatch.setattr(report, "_pyplot", lambda: None)
+    runs = tmp_path / "runs"
+    make_run(runs, BASE_RUN, 0.5)
+    make_run(runs, "f3_tau_cl_0.5", 0.2, tau_cl=0.5)
+    make_run(runs, "f3_tau_cl_0.01", 0.45, tau_cl=0.01)
+    section = _section(build_report(runs, tmp_path / "r.md", tmp_path / "figs"), "Figure 3")
+    reading = section[section.index("The paper's reading beside ours"):]
+    assert ("| τ_cl (tau_cl) | (3) the most significant impact; keep it around 0.1 | 3 of 5 | "
+            "0.2100 (0.5) to 0.5100 (0.1), range 0.300 | 0.2000 (0.5) to 0.5000 (0.1), range 0.300 |") in reading
+    assert "| k (n_exp) | (1) should not be too small; once enough, performance stabilises | 1 of 5 | " \
+           "0.5100 (5) only | 0.5000 (5) only |" in reading
+    assert "| τ_al (tau_al) | not in the paper's figure" in reading
+
+
 def test_without_matplotlib_the_tables_are_written_and_figures_skipped(tmp_path, monkeypatch):
     monkeypatch.setattr(report, "_pyplot", lambda: None)
     make_run(tmp_path / "runs", BASE_RUN, 0.5, artifacts=True)
