@@ -909,8 +909,7 @@ def fig3_reading(points) -> list[str]:
     """The paper's reading of each sweep beside what the finished points show: the range of their best-TEST
     and last Hits@1, with the value at each end."""
     def spread(pts, key):
-        cells = [(run.selection(key)["avg"]["hits@1"], value) for value, run, _ in pts
-                 if run.finished and run.selection(key) is not None]
+        cells = [(sel["avg"]["hits@1"], value) for value, run, _ in pts if (sel := run.selection(key)) is not None]
         if not cells:
             return "-"
         (lo, at_lo), (hi, at_hi) = min(cells), max(cells)
