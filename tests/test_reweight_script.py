@@ -88,3 +88,21 @@ def test_fit_chooses_factors_on_held_links_that_never_rank_them_worse(tiny_synth
     assert reweight.main([str(tmp_path / "plain"), "--fit", "8", "--draws", "2", "--no-distractors"]) == 0
     assert "fitted minus learned, Hits@1: mean" in capsys.readouterr().out
     assert reweight.main([str(tmp_path / "plain"), "--fit", str(len(run["pairs"]))]) == 2
+
+
+def test_mutual_share_is_the_label_free_calibrations_criterion(tiny_synthetic, tmp_path, capsys):
+    """--mutual: under the run's own weights the share of mutual nearest neighbours among the entities in no
+    training pair equals the one --calibrate_unlabelled logged for them, and under its fitted factors the
+    one it reached; the column is printed for every weighting."""
+    argv = ["--file_dir", str(tiny_synthetic), *IL_SMALL, "--out_dir", str(tmp_path), "--run_name", "plain"]
+    res = train.main(*train.parse_args([*argv, "--epochs", "6"]))
+    cal = res["last_epoch"]["calibrated_unlabelled"]
+    run = reweight.load_run(tmp_path / "plain")
+    left, right = reweight.unaligned(tmp_path / "plain")
+    assert reweight.mutual_share(run, run["weights"], left, right) == pytest.approx(cal["mutual_share_learned"])
+    factors = np.array([cal["factors"][m] for m in run["modalities"]])
+    assert reweight.mutual_share(run, run["weights"] * factors, left, right) == pytest.approx(cal["mutual_share"])
+    assert reweight.main([str(tmp_path / "plain"), "--mutual"]) == 0
+    out = capsys.readouterr().out
+    assert "| weighting | test Hits@1 | MRR | mutual share |" in out
+    assert sum(line.count("|") == 5 for line in out.splitlines()) == len(reweight.weightings(run, [])) + 2

@@ -7,6 +7,7 @@ experts hold FB15K-YAGO15K back (docs/accuracy.md, "FB15K-YAGO15K").
     python docs/analysis/reweight.py runs/probe/yg20_router_holdout/checkpoint.pt --mix graph=0.5,attr_text=0.5
     python docs/analysis/reweight.py runs/t1_yg_20 --fit 224 --draws 10   # could a validation split fix the weights?
     python docs/analysis/reweight.py runs/t1_yg_20 --fit 224 --draws 10 --search coordinate   # the second version
+    python docs/analysis/reweight.py runs/official/t1_yg_20 --mix graph=0.5,attr_text=0.5 --mutual   # + the label-free criterion
 
 The run folder must hold entity_embeddings.npy (the fused h^f = [w_1 u_1; ...; w_M u_M] of every
 entity, Eq. 12), modality_weights.npy (w, N x M), predictions.tsv (its left entities and their gold
@@ -34,7 +35,9 @@ and both numbers.
 
 Rows: learned; uniform over the modalities an entity has; each modality alone; the learned weights
 with one modality's weight doubled or dropped; each --mix (one global weight per modality named, 0 for
-the others). It reads the folder and writes nothing.
+the others). With --mutual, one more column: --calibrate_unlabelled's criterion under each weighting
+(the share of mutual CSLS nearest neighbours among the entities in no training pair; the data comes
+from the run's checkpoint). It reads the folder and writes nothing.
 """
 from __future__ import annotations
 
@@ -49,7 +52,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from utils import DataError, evaluate_alignment  # noqa: E402  (the repository root is on the path only now)
+from utils import DataError, evaluate_alignment, mutual_nearest_pairs  # noqa: E402  (the repository root is on the path only now)
 
 
 def load_run(run: Path) -> dict:
@@ -88,6 +91,25 @@ def load_checkpoint(path: Path) -> dict:
     return {"unimodal": unimodal, "weights": w, "present": present, "pairs": s.split.test,
             "modalities": list(s.model.modalities), "csls": cfg.csls, "csls_k": cfg.csls_k,
             "held_out": s.router_pairs}
+
+
+def unaligned(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The entities of each KG in none of the run's training pairs (train.unaligned_entities: those
+    --calibrate_unlabelled fits on), read from the run's checkpoint (a folder's checkpoint.pt, or the file)."""
+    import train  # the data; only --mutual needs it
+
+    s = train.checkpoint_session(path if path.suffix == ".pt" else path / "checkpoint.pt")
+    return train.unaligned_entities(s.data, s.train_pairs)
+
+
+def mutual_share(run: dict, weights: np.ndarray, left: np.ndarray, right: np.ndarray) -> float:
+    """--calibrate_unlabelled's criterion under ``weights``: the share of mutual CSLS nearest neighbours
+    between the ``left`` and ``right`` entities (train.unlabelled_calibration; no link is read)."""
+    w = renormalised(run, weights)[np.concatenate([left, right])]
+    rows = run["unimodal"][np.concatenate([left, right])]
+    fused = torch.as_tensor((rows * w[:, :, None]).reshape(len(w), -1), dtype=torch.float32)
+    pairs = mutual_nearest_pairs(fused[:len(left)], fused[len(left):], left, right, run["csls_k"])
+    return len(pairs) / min(len(left), len(right))
 
 
 def renormalised(run: dict, weights: np.ndarray) -> np.ndarray:
@@ -219,6 +241,9 @@ def main(argv=None) -> int:
     p.add_argument("--search", choices=("steepest", "coordinate"), default="steepest",
                    help="--fit's search: train.fit_factors (steepest ascent), or the second version's coordinate "
                         "ascent (docs/analysis/calibration_search.py)")
+    p.add_argument("--mutual", action="store_true",
+                   help="one more column: --calibrate_unlabelled's criterion, the share of mutual nearest neighbours "
+                        "among the entities in no training pair (reads the run's checkpoint for the data)")
     p.add_argument("--loss_tau", default="", help="temperatures, e.g. 0.1,0.05: a --router_holdout checkpoint's "
                                                   "held-out pairs' fused loss at each")
     args = p.parse_args(argv)
@@ -226,6 +251,7 @@ def main(argv=None) -> int:
     try:
         run = load_checkpoint(args.run) if args.run.suffix == ".pt" else load_run(args.run)
         rows = weightings(run, args.mix)
+        sides = unaligned(args.run) if args.mutual else None
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -244,12 +270,14 @@ def main(argv=None) -> int:
         print(f"error: --loss_tau: {args.run} has no held-out pairs (a --router_holdout run's checkpoint has)",
               file=sys.stderr)
         return 2
+    header, rule = "| weighting | test Hits@1 | MRR |", "|---|---|---|"
     if held is not None and len(held):
-        print(f"| weighting | test Hits@1 | MRR | {len(held)} held-out pairs among themselves, Hits@1 | the same "
-              "with the test entities as distractors |" + "".join(f" their L_f^CL at tau {t} |" for t in taus)
-              + "\n|---|---|---|---|---|" + "---|" * len(taus))
-    else:
-        print("| weighting | test Hits@1 | MRR |\n|---|---|---|")
+        header += (f" {len(held)} held-out pairs among themselves, Hits@1 | the same with the test entities as "
+                   "distractors |" + "".join(f" their L_f^CL at tau {t} |" for t in taus))
+        rule += "---|---|" + "---|" * len(taus)
+    if sides:
+        header, rule = header + " mutual share |", rule + "---|"
+    print(header + "\n" + rule)
     for name, weights in rows:
         r = score(run, weights)
         line = f"| {name} | {r['hits@1']:.4f} | {r['mrr']:.4f} |"
@@ -257,6 +285,8 @@ def main(argv=None) -> int:
             alone, among = score(run, weights, held), score(run, weights, held, distractors=True)
             line += f" {alone['hits@1']:.4f} | {among['hits@1']:.4f} |"
             line += "".join(f" {held_out_loss(run, weights, t):.3f} |" for t in taus)
+        if sides:
+            line += f" {mutual_share(run, weights, *sides):.4f} |"
         print(line, flush=True)
     return 0
 
