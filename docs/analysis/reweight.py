@@ -7,7 +7,7 @@ experts hold FB15K-YAGO15K back (docs/accuracy.md, "FB15K-YAGO15K").
     python docs/analysis/reweight.py runs/probe/yg20_router_holdout/checkpoint.pt --mix graph=0.5,attr_text=0.5
     python docs/analysis/reweight.py runs/t1_yg_20 --fit 224 --draws 10   # could a validation split fix the weights?
     python docs/analysis/reweight.py runs/t1_yg_20 --fit 224 --draws 10 --search coordinate   # the second version
-    python docs/analysis/reweight.py runs/official/t1_yg_20 --mix graph=0.5,attr_text=0.5 --mutual   # + the label-free criterion
+    python docs/analysis/reweight.py runs/official/t1_yg_20 --mix graph=0.5,attr_text=0.5 --mutual   # + mutual share
 
 The run folder must hold entity_embeddings.npy (the fused h^f = [w_1 u_1; ...; w_M u_M] of every
 entity, Eq. 12), modality_weights.npy (w, N x M), predictions.tsv (its left entities and their gold
