@@ -99,6 +99,8 @@ def test_mutual_share_is_the_label_free_calibrations_criterion(tiny_synthetic, t
     cal = res["last_epoch"]["calibrated_unlabelled"]
     run = reweight.load_run(tmp_path / "plain")
     left, right = reweight.unaligned(tmp_path / "plain")
+    for side, again in zip((left, right), reweight.load_checkpoint(tmp_path / "plain" / "checkpoint.pt")["unaligned"]):
+        assert np.array_equal(side, again)  # a checkpoint given instead of the folder: the same entities
     assert reweight.mutual_share(run, run["weights"], left, right) == pytest.approx(cal["mutual_share_learned"])
     factors = np.array([cal["factors"][m] for m in run["modalities"]])
     assert reweight.mutual_share(run, run["weights"] * factors, left, right) == pytest.approx(cal["mutual_share"])

@@ -90,24 +90,22 @@ def load_checkpoint(path: Path) -> dict:
     present = np.ones_like(w, dtype=bool) if emb.present is None else emb.present.numpy()
     return {"unimodal": unimodal, "weights": w, "present": present, "pairs": s.split.test,
             "modalities": list(s.model.modalities), "csls": cfg.csls, "csls_k": cfg.csls_k,
-            "held_out": s.router_pairs}
+            "held_out": s.router_pairs, "unaligned": train.unaligned_entities(s.data, s.train_pairs)}
 
 
-def unaligned(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """The entities of each KG in none of the run's training pairs (train.unaligned_entities: those
-    --calibrate_unlabelled fits on), read from the run's checkpoint (a folder's checkpoint.pt, or the file)."""
+def unaligned(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The entities of each KG in none of a run folder's training pairs (train.unaligned_entities: those
+    --calibrate_unlabelled fits on), from the data of its checkpoint.pt (load_checkpoint has them already)."""
     import train  # the data; only --mutual needs it
 
-    s = train.checkpoint_session(path if path.suffix == ".pt" else path / "checkpoint.pt")
+    s = train.checkpoint_session(run_dir / "checkpoint.pt")
     return train.unaligned_entities(s.data, s.train_pairs)
 
 
 def mutual_share(run: dict, weights: np.ndarray, left: np.ndarray, right: np.ndarray) -> float:
     """--calibrate_unlabelled's criterion under ``weights``: the share of mutual CSLS nearest neighbours
     between the ``left`` and ``right`` entities (train.unlabelled_calibration; no link is read)."""
-    w = renormalised(run, weights)[np.concatenate([left, right])]
-    rows = run["unimodal"][np.concatenate([left, right])]
-    fused = torch.as_tensor((rows * w[:, :, None]).reshape(len(w), -1), dtype=torch.float32)
+    fused = fused_rows(run, weights, np.concatenate([left, right]))
     pairs = mutual_nearest_pairs(fused[:len(left)], fused[len(left):], left, right, run["csls_k"])
     return len(pairs) / min(len(left), len(right))
 
@@ -119,6 +117,13 @@ def renormalised(run: dict, weights: np.ndarray) -> np.ndarray:
     return np.where(total > 0, w / np.where(total > 0, total, 1.0), 0.0)
 
 
+def fused_rows(run: dict, weights: np.ndarray, ids: np.ndarray) -> torch.Tensor:
+    """The fused embeddings h^f (Eq. 12) of the entities ``ids`` (in that order) under ``weights`` (N, M) or (M,),
+    renormalised over each entity's modalities."""
+    w = renormalised(run, weights)[ids]
+    return torch.as_tensor((run["unimodal"][ids] * w[:, :, None]).reshape(len(ids), -1), dtype=torch.float32)
+
+
 def score(run: dict, weights: np.ndarray, pairs: np.ndarray | None = None, distractors: bool = False,
           extra: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """Test metrics (the mean of both directions) of the fused embeddings under ``weights`` (N, M) or (M,),
@@ -128,10 +133,7 @@ def score(run: dict, weights: np.ndarray, pairs: np.ndarray | None = None, distr
     if extra is None and distractors:
         extra = (run["pairs"][:, 0], run["pairs"][:, 1])
     ids = np.unique(pairs if extra is None else np.concatenate([pairs.ravel(), *extra]))
-    w = renormalised(run, weights)[ids]
-    rows = run["unimodal"][ids]
-    fused = torch.as_tensor((rows * w[:, :, None]).reshape(len(ids), -1), dtype=torch.float32)
-    return evaluate_alignment(fused, pairs, ids=ids, csls_k=run["csls_k"], use_csls=run["csls"],
+    return evaluate_alignment(fused_rows(run, weights, ids), pairs, ids=ids, csls_k=run["csls_k"], use_csls=run["csls"],
                               extra_candidates=extra)["avg"]
 
 
@@ -139,10 +141,8 @@ def held_out_loss(run: dict, weights: np.ndarray, tau: float) -> float:
     """L_f^CL of the held-out pairs, in one batch, of the fused embeddings under ``weights`` at ``tau``."""
     from loss import batch_alignment_losses
 
-    w = renormalised(run, weights)
     held = run["held_out"]
-    sides = [torch.as_tensor((run["unimodal"][held[:, i]] * w[held[:, i], :, None]).reshape(len(held), -1),
-                             dtype=torch.float32) for i in (0, 1)]
+    sides = fused_rows(run, weights, held.T.ravel()).split(len(held))  # the left entities, then the right
     return float(batch_alignment_losses(*sides, {}, {}, tau, 1.0, unimodal_cl=False, distill=False)[0])
 
 
@@ -251,7 +251,7 @@ def main(argv=None) -> int:
     try:
         run = load_checkpoint(args.run) if args.run.suffix == ".pt" else load_run(args.run)
         rows = weightings(run, args.mix)
-        sides = unaligned(args.run) if args.mutual else None
+        sides = (run.get("unaligned") or unaligned(args.run)) if args.mutual else None
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
