@@ -21,7 +21,9 @@
 #                            train.py --preset); a non-paper preset's runs go to <out_dir>/<P>/, so
 #                            both presets' Table 1 lines keep separate run folders
 #   --report FILE            where the report goes (default <out_dir>/results.md, figures in
-#                            <out_dir>/figures), rewritten after every finished run; --no-report skips it
+#                            <out_dir>/figures), rewritten after every finished run; --no-report skips it.
+#                            Its notes come from FILE's neighbour <stem>_notes.md when there is one
+#                            (docs/results_notes.md for --report docs/results.md)
 #   --records DIR            keep each finished run's record (results and a slim metrics copy) in
 #                            DIR/<name>.json, which the report reads once the run folder is gone
 #                            (default docs/records, docs/records/official for --preset official, when
@@ -270,6 +272,7 @@ write_report() {
   [ "$do_report" = 1 ] || return 0
   local args=(--runs "$out_dir" --out "$report" --figures "$(dirname "$report")/figures")
   [ -n "$records" ] && args+=(--records "$records" --save_records)
+  [ -f "${report%.md}_notes.md" ] && args+=(--notes "${report%.md}_notes.md")  # the page's notes, kept beside it
   (
     command -v flock >/dev/null 2>&1 && flock 9
     python -m data_process.report "${args[@]}" > /dev/null || echo "run_all.sh: the report failed" >&2

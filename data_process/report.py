@@ -1,6 +1,7 @@
 """Turn run folders into the results page: Table 1, Table 2, iterative training, Figure 3 and 4.
 
-    python -m data_process.report --runs runs --out docs/results.md --figures docs/figures
+    python -m data_process.report --runs runs --out docs/results.md --figures docs/figures \
+        --notes docs/results_notes.md
 
 Which run fills which cell comes from run_all.sh's RUN_TABLE (parsed by :func:`load_run_list`);
 every number of ours is read from ``<runs>/<name>/results.json`` and its neighbours, the paper's
@@ -1246,6 +1247,31 @@ def preset_lines(finished: list[Run]) -> list[str]:
             (". **The runs mix presets.**" if len(presets) > 1 else "."), ""]
 
 
+def read_notes(path: Path) -> list[str]:
+    """The Notes of a results page, kept in a Markdown file of their own (docs/results_notes.md) so that the
+    page's command rebuilds it: each note is a ``- `` bullet, wrapped onto indented lines that join it with one
+    space; ``#`` headings, blank lines and the text before the first note (what the file is) are skipped."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the notes file ({e.strerror})") from None
+    notes: list[str] = []
+    within = False  # the line above is a note's
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip() or line.startswith("#"):
+            within = False
+        elif line.startswith("- "):
+            notes.append(line[2:].strip())
+            within = True
+        elif line[0].isspace() and within:
+            notes[-1] += " " + line.strip()
+        elif notes:
+            raise ValueError(f"{path} line {lineno}: expected a note ('- ' at the start of the line), an "
+                             f"indented line continuing the note above it, a '#' heading or a blank line, got: "
+                             f"{line.strip()[:60]!r}")
+    return notes
+
+
 def build_report(runs_dir: Path, out: Path, figures: Path | None = None, run_all: Path = RUN_ALL,
                  notes: list[str] = (), command: str | None = None, records_dir: Path | None = None,
                  save_records_to: Path | None = None, readme: Path | None = None) -> str:
@@ -1338,7 +1364,10 @@ def parse_args(argv=None):
     p.add_argument("--figures", default=None, help="folder for the PNG figures (needs matplotlib); "
                                                    "without it the figures are skipped")
     p.add_argument("--run_all", default=str(RUN_ALL), help="run_all.sh whose RUN_TABLE lists the runs")
-    p.add_argument("--note", action="append", default=[], help="a line for the page's Notes section (repeatable)")
+    p.add_argument("--notes", default=None, help="a Markdown file of the page's notes, one '- ' bullet each "
+                                                 "(docs/results_notes.md for docs/results.md)")
+    p.add_argument("--note", action="append", default=[], help="one more note, after those of --notes "
+                                                               "(repeatable)")
     p.add_argument("--records", default=None, help="folder of run records (docs/records; docs/records/official for "
                                                    "the official preset): a run whose folder has no results.json "
                                                    "is read from <records>/<name>.json")
@@ -1366,9 +1395,14 @@ def main(argv=None) -> int:
         print("error: --save_records needs --records DIR", file=sys.stderr)
         return 2
     records = Path(args.records) if args.records else None
-    text = build_report(Path(args.runs), Path(args.out), Path(args.figures) if args.figures else None,
-                        Path(args.run_all), args.note, command, records, records if args.save_records else None,
-                        Path(args.readme) if args.readme else None)
+    try:
+        notes = (read_notes(Path(args.notes)) if args.notes else []) + args.note
+        text = build_report(Path(args.runs), Path(args.out), Path(args.figures) if args.figures else None,
+                            Path(args.run_all), notes, command, records, records if args.save_records else None,
+                            Path(args.readme) if args.readme else None)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     counts = re.search(r"(\d+ of \d+ runs) of run_all.sh are finished", text)
     print(f"wrote {args.out} ({counts.group(1)} finished"
           + (f"; figures in {args.figures})" if args.figures else "; no figures)"))

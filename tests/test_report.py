@@ -313,6 +313,36 @@ def test_cli_writes_the_page_with_notes(tmp_path, capsys):
         assert by_rate[f"{round(rate * 100)}%"][first:first + 4] == [f"{v:.4f}" for v in numbers]
 
 
+def test_the_notes_file_gives_the_pages_notes_and_the_header_command_rebuilds_the_page(tmp_path):
+    make_run(tmp_path / "runs", BASE_RUN, 0.5)
+    notes = tmp_path / "results_notes.md"
+    notes.write_text("# Notes of the page\n\nWhat this file is, wrapped\nover two lines.\n\n"
+                     "- The first note,\n  wrapped here\n    and here.\n\n- The second.\n")
+    argv = ["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out.md"), "--notes", str(notes),
+            "--note", "A third."]
+    assert report.main(argv) == 0
+    text = (tmp_path / "out.md").read_text()
+    assert "## Notes\n\n- The first note, wrapped here and here.\n- The second.\n- A third.\n" in text
+    assert f"--notes {notes} --note '...'`" in text  # the file's path, which rebuilds the page as it is
+
+
+@pytest.mark.parametrize("content, line, got", [
+    ("- a note\n\n  indented after a blank line\n", 3, "indented after a blank line"),
+    ("intro\n\n- a note\nnot indented\n", 4, "not indented"),
+])
+def test_a_notes_line_that_is_no_note_is_refused_with_its_line_and_the_page_kept(tmp_path, capsys, content,
+                                                                                 line, got):
+    notes, out = tmp_path / "notes.md", tmp_path / "out.md"
+    notes.write_text(content)
+    out.write_text("the page as it was\n")
+    assert report.main(["--runs", str(tmp_path / "runs"), "--out", str(out), "--notes", str(notes)]) == 2
+    err = capsys.readouterr().err
+    assert f"{notes} line {line}: expected a note" in err and got in err
+    assert out.read_text() == "the page as it was\n"
+    assert report.main(["--runs", str(tmp_path / "runs"), "--out", str(out), "--notes", str(tmp_path / "no.md")]) == 2
+    assert f"{tmp_path / 'no.md'}: cannot read the notes file" in capsys.readouterr().err
+
+
 def test_the_command_from_config_json_skips_its_provenance():
     config = {"rate": 0.5, "epochs": 1000, "provenance": {"git_commit": "abc", "device": "cpu"}}
     assert report._non_default_flags(config) == ["--rate 0.5"]

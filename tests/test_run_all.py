@@ -414,6 +414,17 @@ def test_the_report_keeps_records_only_for_the_default_run_folders(fake, tmp_pat
         assert "--records" not in argv
 
 
+def test_the_report_takes_its_notes_from_the_file_beside_it(fake, tmp_path):
+    page = tmp_path / "pages" / "results.md"
+    page.parent.mkdir()
+    fake.run("run_all.sh", "--only", "t1_db_20", "--out_dir", fake.out, "--report", page)
+    assert "--notes" not in fake.calls()[-1][1]  # no pages/results_notes.md: no notes
+    (page.parent / "results_notes.md").write_text("- a note\n")
+    fake.run("run_all.sh", "--only", "t1_db_50", "--out_dir", fake.out, "--report", page)
+    reports = [a for _, a in fake.calls() if a[:2] == ["-m", "data_process.report"]][-2:]
+    assert [_flag(a, "--notes") for a in reports] == [str(page.parent / "results_notes.md")] * 2
+
+
 def test_one_gpu_runs_sequentially_on_it(fake):
     fake.run("run_all.sh", "--only", "t1_db_20,t1_db_50", "--out_dir", fake.out, "--no-report",
              extra_env={"FAKE_GPUS": "1"})
