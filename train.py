@@ -53,6 +53,7 @@ from utils import (
     get_logger,
     kv,
     mutual_nearest_pairs,
+    mutual_share,
     release_free_heap,
     set_seed,
     similarity_metrics,
@@ -823,12 +824,11 @@ def unlabelled_calibration(model: HUMEA, inputs: ModelInputs, data: MMKG, train_
     parts = [emb.unimodal[m] for m in model.modalities]
     at_left, at_right = torch.as_tensor(np.searchsorted(ids, left)), torch.as_tensor(np.searchsorted(ids, right))
 
-    def mutual_share(factors: np.ndarray) -> float:
+    def share(factors: np.ndarray) -> float:
         fused = calibrated_fusion(parts, emb.weights, factors)
-        pairs = mutual_nearest_pairs(fused[at_left], fused[at_right], left, right, cfg.csls_k, cfg.eval_chunk)
-        return len(pairs) / min(len(left), len(right))
+        return mutual_share(fused[at_left], fused[at_right], left, right, cfg.csls_k, cfg.eval_chunk)
 
-    factors, fitted, learned = fit_factors(mutual_share, len(model.modalities))
+    factors, fitted, learned = fit_factors(share, len(model.modalities))
     fused = calibrated_fusion(parts, emb.weights, factors)
     return {"factors": dict(zip(model.modalities, factors.tolist())), "mutual_share": fitted,
             "mutual_share_learned": learned, "candidates": [len(left), len(right)],

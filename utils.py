@@ -777,3 +777,11 @@ def mutual_nearest_pairs(left_emb: torch.Tensor, right_emb: torch.Tensor, left_i
     cols = best_r[mutual]
     margins = 2 * torch.minimum(row_gap[mutual], best_l_key[cols] - second_l_key[cols])
     return pairs, margins.cpu().numpy()
+
+
+def mutual_share(left_emb: torch.Tensor, right_emb: torch.Tensor, left_ids: np.ndarray, right_ids: np.ndarray,
+                 csls_k: int = 3, chunk: int = 4096) -> float:
+    """The criterion of --calibrate_unlabelled: the number of mutual CSLS nearest neighbours between
+    left_ids and right_ids (mutual_nearest_pairs) over the smaller side's size, the most there can be."""
+    pairs = mutual_nearest_pairs(left_emb, right_emb, left_ids, right_ids, csls_k, chunk)
+    return len(pairs) / min(len(left_ids), len(right_ids))

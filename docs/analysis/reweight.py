@@ -52,7 +52,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from utils import DataError, evaluate_alignment, mutual_nearest_pairs  # noqa: E402  (the repository root is on the path only now)
+import utils  # noqa: E402
+from utils import DataError, evaluate_alignment  # noqa: E402  (the repository root is on the path only now)
 
 
 def load_run(run: Path) -> dict:
@@ -106,8 +107,7 @@ def mutual_share(run: dict, weights: np.ndarray, left: np.ndarray, right: np.nda
     """--calibrate_unlabelled's criterion under ``weights``: the share of mutual CSLS nearest neighbours
     between the ``left`` and ``right`` entities (train.unlabelled_calibration; no link is read)."""
     fused = fused_rows(run, weights, np.concatenate([left, right]))
-    pairs = mutual_nearest_pairs(fused[:len(left)], fused[len(left):], left, right, run["csls_k"])
-    return len(pairs) / min(len(left), len(right))
+    return utils.mutual_share(fused[:len(left)], fused[len(left):], left, right, run["csls_k"])
 
 
 def renormalised(run: dict, weights: np.ndarray) -> np.ndarray:
